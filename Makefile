@@ -1,0 +1,38 @@
+# storyscan: `make demo` sets up and runs the main job, `make test` sets up and runs the suite.
+# Both create .venv when missing and install only what changed (setup.py is the stamp).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STORYSCAN := $(BIN)/storyscan
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+DEMO := demo
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The trainer extra brings torch 2.13.0 (CPU build); the device itself needs none of it.
+$(VENV)/.installed: setup.py | $(BIN)/python
+	$(PIP) -e '.[train,test]' 2>&1 | grep -v -e '^WARNING: Location' -e '^$$' || true
+	$(BIN)/python -c "import torch, onnxruntime, cv2, sqlite_utils" 
+	touch $@
+
+demo: $(VENV)/.installed
+	$(STORYSCAN) demo-data $(DEMO)/data
+	$(STORYSCAN) train --data $(DEMO)/data --out $(DEMO)/run --arch efficientnet_lite0 \
+		--size 128 --epochs 5 --batch-size 32 --lr 0.02
+	$(STORYSCAN) export $(DEMO)/run/best.pt --data $(DEMO)/data --out $(DEMO)/bundle \
+		--name demo --version 1
+	$(STORYSCAN) catalog import $(DEMO)/data/catalog --catalog $(DEMO)/catalog.db \
+		--bundle $(DEMO)/bundle
+	$(STORYSCAN) scan $(DEMO)/data/scans --bundle $(DEMO)/bundle --catalog $(DEMO)/catalog.db \
+		--labels-from-folders --summary
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(DEMO) runs .pytest_cache .ruff_cache

@@ -1,0 +1,61 @@
+"""Writing benchmark results into docs/BENCHMARKS.md, one section per benchmark.
+
+Each benchmark owns the section between `<!-- NAME:start -->` and `<!-- NAME:end -->`, and
+rewrites it with its table, the exact command, the machine and the date, leaving the other
+benchmarks' sections as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import sys
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery number here is written by a script in `bench/`; rerun the command to check it.\n"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    packages = []
+    for name in ("torch", "onnxruntime", "opencv-python-headless", "numpy"):
+        try:
+            packages.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}; " + ", ".join(packages))
+
+
+def command() -> str:
+    return "python " + shlex.join(["bench/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def write_section(name: str, title: str, body: str) -> Path:
+    """Replace (or append) this benchmark's section of docs/BENCHMARKS.md."""
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    section = (f"<!-- {name}:start -->\n## {title}\n\n"
+               f"Command: `{command()}`  \nMachine: {machine()}  \nDate: {today}\n\n"
+               f"{body.strip()}\n<!-- {name}:end -->")
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else HEADER
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->",
+                         re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) \
+        else text.rstrip() + "\n\n" + section + "\n"
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(text, encoding="utf-8")
+    return DOC

@@ -1,0 +1,173 @@
+"""The on-device product catalog: products, their stories and reference embeddings, in SQLite.
+
+One SQLite file (WAL, so the kiosk reads while an import writes) plus a media folder beside it
+holding the catalog's own copies of reference photos, so a catalog survives its source USB
+stick or download folder. Reference embeddings are stored per model (the bundle's key): a new
+model recomputes them, and switching back to an older model finds its own still there.
+
+    >>> cat = Catalog("catalog.db")
+    >>> cat.upsert([Product("PLT-001", "Cobalt Willow Plate", "plates", 24.5,
+    ...                     stories={"en": "Hand-painted in Delft."})], source_dir=Path("."))
+    >>> cat.product("PLT-001").story("en")
+    'Hand-painted in Delft.'
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+class CatalogError(ValueError):
+    """A catalog problem the user must fix; str() is one line."""
+
+
+@dataclass
+class Product:
+    sku: str
+    name: str
+    category: str
+    price: float | None = None
+    currency: str = "EUR"
+    stories: dict[str, str] = field(default_factory=dict)  # language code -> story text
+    images: list[str] = field(default_factory=list)  # reference photos (paths)
+
+    def story(self, lang: str = "en") -> str:
+        """The story in `lang`, else English, else any language there is."""
+        return self.stories.get(lang) or self.stories.get("en") or next(
+            iter(self.stories.values()), "")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Catalog:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.media = self.path.with_name(self.path.stem + "-media")
+        self.db = sqlite_utils.Database(self.path)
+        self.db.enable_wal()
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        db = self.db
+        with db.atomic():
+            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db["products"].create(
+                {"sku": str, "name": str, "category": str, "price": float, "currency": str,
+                 "images": str, "updated": str},
+                pk="sku", not_null={"name", "category"}, if_not_exists=True)
+            db["stories"].create(
+                {"sku": str, "lang": str, "text": str}, pk=("sku", "lang"),
+                foreign_keys=[("sku", "products", "sku")], if_not_exists=True)
+            db["embeddings"].create(
+                {"model": str, "sku": str, "image": str, "vector": bytes},
+                pk=("model", "sku", "image"),
+                foreign_keys=[("sku", "products", "sku")], if_not_exists=True)
+            db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                              ignore=True)
+            db["meta"].insert({"key": "version", "value": "0"}, ignore=True)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change, so kiosks and the fleet can tell catalogs apart."""
+        return int(self.db["meta"].get("version")["value"])
+
+    def __len__(self) -> int:
+        return self.db["products"].count
+
+    def _product(self, row: dict) -> Product:
+        stories = {r["lang"]: r["text"] for r in
+                   self.db["stories"].rows_where("sku = ?", [row["sku"]])}
+        return Product(row["sku"], row["name"], row["category"], row["price"],
+                       row["currency"] or "EUR", stories,
+                       [str(self.media / p) for p in json.loads(row["images"] or "[]")])
+
+    def product(self, sku: str) -> Product | None:
+        rows = list(self.db["products"].rows_where("sku = ?", [sku]))
+        return self._product(rows[0]) if rows else None
+
+    def products(self) -> list[Product]:
+        return [self._product(r) for r in self.db["products"].rows_where(order_by="sku")]
+
+    def skus(self) -> list[str]:
+        return [r["sku"] for r in self.db["products"].rows_where(select="sku", order_by="sku")]
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def upsert(self, products: list[Product], source_dir: Path | None = None) -> int:
+        """Add or replace products in one transaction; returns the new catalog version.
+
+        Reference photos are copied into the catalog's media folder; relative image paths are
+        taken from `source_dir`. A replaced product's old embeddings go, its new photos need
+        embedding again.
+        """
+        copies = [(p, [self._copy_image(p.sku, Path(img), source_dir) for img in p.images])
+                  for p in products]
+        with self.db.atomic():
+            for p, images in copies:
+                self.db["embeddings"].delete_where("sku = ?", [p.sku])
+                self.db["stories"].delete_where("sku = ?", [p.sku])
+                self.db["products"].upsert(
+                    {"sku": p.sku, "name": p.name, "category": p.category, "price": p.price,
+                     "currency": p.currency, "images": json.dumps(images), "updated": now()},
+                    pk="sku")
+                self.db["stories"].insert_all(
+                    [{"sku": p.sku, "lang": lang, "text": text}
+                     for lang, text in p.stories.items() if text], pk=("sku", "lang"))
+            return self._bump_version()
+
+    def _copy_image(self, sku: str, src: Path, source_dir: Path | None) -> str:
+        if not src.is_absolute() and source_dir is not None:
+            src = source_dir / src
+        if not src.is_file():
+            raise CatalogError(f"{src}: reference photo of {sku} not found")
+        rel = Path(sku) / src.name
+        dst = self.media / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        return rel.as_posix()
+
+    def _bump_version(self) -> int:
+        version = self.version + 1
+        self.db["meta"].upsert({"key": "version", "value": str(version)}, pk="key")
+        self.db["meta"].upsert({"key": "updated", "value": now()}, pk="key")
+        return version
+
+    # --- reference embeddings ------------------------------------------------------------------
+
+    def missing_embeddings(self, model: str) -> list[tuple[str, Path]]:
+        """(sku, photo) pairs that have no embedding under `model` yet."""
+        done = {(r["sku"], r["image"]) for r in
+                self.db["embeddings"].rows_where("model = ?", [model], select="sku, image")}
+        return [(p.sku, Path(img)) for p in self.products() for img in p.images
+                if (p.sku, Path(img).relative_to(self.media).as_posix()) not in done]
+
+    def put_embeddings(self, model: str, rows: list[tuple[str, Path, np.ndarray]]) -> None:
+        with self.db.atomic():
+            self.db["embeddings"].upsert_all(
+                [{"model": model, "sku": sku,
+                  "image": Path(img).relative_to(self.media).as_posix(),
+                  "vector": np.asarray(v, np.float32).tobytes()} for sku, img, v in rows],
+                pk=("model", "sku", "image"))
+
+    def embeddings(self, model: str) -> tuple[list[str], np.ndarray]:
+        """All reference embeddings under `model`: (sku per row, [rows, dim] float32)."""
+        rows = list(self.db["embeddings"].rows_where("model = ?", [model], order_by="sku, image"))
+        if not rows:
+            return [], np.zeros((0, 0), np.float32)
+        return ([r["sku"] for r in rows],
+                np.stack([np.frombuffer(r["vector"], np.float32) for r in rows]))

@@ -1,0 +1,184 @@
+"""The `storyscan` command and the kiosk's own subcommands (scan, catalog).
+
+Subcommands come from the `storyscan.commands` entry points, one `register(subparsers)` per
+package, so the device never imports the trainer. Errors a user can fix end the command with
+one line and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+
+from device.catalog import Catalog, CatalogError
+from device.engines import BACKENDS, EngineError
+from device.importers import read_products
+from models.bundle import BundleError
+from models.preprocess import ImageError
+from models.tables import format_table
+
+# Errors that carry a one-line message for the user; every package adds its own to this tuple.
+USER_ERRORS: tuple[type[Exception], ...] = (ImageError, BundleError, CatalogError, EngineError,
+                                            FileNotFoundError)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def add_model_args(p: argparse.ArgumentParser, need_bundle: bool = True) -> None:
+    p.add_argument("--bundle", default=os.environ.get("STORYSCAN_BUNDLE"),
+                   required=need_bundle and not os.environ.get("STORYSCAN_BUNDLE"),
+                   help="model bundle directory (default: $STORYSCAN_BUNDLE)")
+    p.add_argument("--precision", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--engine", choices=("auto", *BACKENDS), default="auto")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
+
+
+def add_catalog_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", default=os.environ.get("STORYSCAN_CATALOG", "catalog.db"),
+                   help="catalog SQLite file (default: $STORYSCAN_CATALOG or catalog.db)")
+
+
+# --- storyscan scan ----------------------------------------------------------------------------
+
+
+def expand_photos(items: list[str]) -> list[Path]:
+    """Files as given; folders searched recursively for images."""
+    photos = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            photos += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            photos.append(p)
+    return photos
+
+
+def first_line(text: str, width: int = 70) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from device.pipeline import Pipeline
+
+    pipeline = Pipeline.open(args.bundle, args.catalog, args.precision, args.engine,
+                             args.threads, progress=not args.json)
+    if not len(pipeline.matcher):
+        raise CatalogError(f"{args.catalog}: no products to match against "
+                           "(run 'storyscan catalog import' first)")
+    photos = expand_photos(args.photos)
+    rows, failed, correct, latencies = [], 0, 0, []
+    for path in photos:
+        try:
+            r = pipeline.scan_file(path)
+        except ImageError as e:
+            failed += 1
+            print(json.dumps({"source": str(path), "error": e.problem}) if args.json
+                  else f"storyscan: error: {e}", file=sys.stdout if args.json else sys.stderr)
+            continue
+        total = sum(r.timings_ms.values())
+        latencies.append(total)
+        truth = path.parent.name if args.labels_from_folders else None
+        correct += truth == r.sku
+        if args.json:
+            print(json.dumps({**r.to_dict(), "total_ms": total}
+                             | ({"expected": truth} if truth else {}), ensure_ascii=False))
+            continue
+        rows.append({
+            "photo": path.name, "product": r.name, "sku": r.sku,
+            "conf": r.confidence,
+            **({"ok": "yes" if truth == r.sku else f"no ({truth})"} if truth else {}),
+            "alternatives": ", ".join(f"{m.sku} {m.confidence:.2f}" for m in r.alternatives[:5]),
+            "story": first_line(r.story, 50),
+            **{f"{k} ms": v for k, v in r.timings_ms.items()}, "total ms": total})
+    if rows and not args.summary:
+        print(format_table(rows, list(rows[0]), {"conf": ".2f", "decode ms": ".1f",
+                                                 "preprocess ms": ".1f", "inference ms": ".1f",
+                                                 "match ms": ".2f", "total ms": ".1f"}))
+    if not args.json and latencies:
+        lat = np.array(latencies)
+        summary = (f"{len(latencies)} photos scanned with {pipeline.bundle.key} "
+                   f"({pipeline.engine.backend} {pipeline.engine.precision}); latency p50 "
+                   f"{np.percentile(lat, 50):.1f} ms, p95 {np.percentile(lat, 95):.1f} ms")
+        if args.labels_from_folders:
+            summary += f"; accuracy {correct}/{len(latencies)} = {correct / len(latencies):.1%}"
+        print(summary)
+    if failed:
+        print(f"storyscan: {failed} of {len(photos)} photos could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --- storyscan catalog -------------------------------------------------------------------------
+
+
+def cmd_catalog_import(args: argparse.Namespace) -> int:
+    products = read_products(args.source)
+    catalog = Catalog(args.catalog)
+    version = catalog.upsert(products)
+    print(f"imported {len(products)} products into {catalog.path} (catalog version {version}, "
+          f"{len(catalog)} products in all)")
+    if args.bundle:
+        from device.pipeline import Pipeline
+
+        pipeline = Pipeline.open(args.bundle, args.catalog, args.precision, args.engine,
+                                 args.threads, progress=True)
+        print(f"reference embeddings up to date for {pipeline.bundle.key} "
+              f"({len(pipeline.matcher)} products matchable)")
+    return 0
+
+
+def cmd_catalog_list(args: argparse.Namespace) -> int:
+    catalog = Catalog(args.catalog)
+    rows = [{"sku": p.sku, "name": p.name, "category": p.category,
+             "price": f"{p.price:.2f} {p.currency}" if p.price is not None else "",
+             "photos": len(p.images), "story": first_line(p.story(), 50)}
+            for p in catalog.products()]
+    if rows:
+        print(format_table(rows, list(rows[0])))
+    print(f"{len(rows)} products, catalog version {catalog.version}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scan", help="recognise product photos against the catalog")
+    p.add_argument("photos", nargs="+", help="photo files or folders")
+    add_model_args(p)
+    add_catalog_arg(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per photo")
+    p.add_argument("--labels-from-folders", action="store_true",
+                   help="each photo's folder name is its true SKU: report accuracy")
+    p.add_argument("--summary", action="store_true", help="print only the summary line")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("catalog", help="manage the on-device product catalog")
+    csub = p.add_subparsers(dest="catalog_command", required=True)
+    q = csub.add_parser("import", help="add or update products from a folder or CSV")
+    q.add_argument("source", help="catalog folder, products CSV, or Grocery Store classes.csv")
+    add_catalog_arg(q)
+    add_model_args(q, need_bundle=False)
+    q.set_defaults(func=cmd_catalog_import)
+    q = csub.add_parser("list", help="list the catalog's products")
+    add_catalog_arg(q)
+    q.set_defaults(func=cmd_catalog_list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="storyscan", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    errors = list(USER_ERRORS)
+    for ep in sorted(entry_points(group="storyscan.commands"), key=lambda e: e.name):
+        module_errors = ep.load()(sub)
+        errors += module_errors or []
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except tuple(errors) as e:
+        print(f"storyscan: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

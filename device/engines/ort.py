@@ -1,0 +1,32 @@
+"""ONNX Runtime on the CPU: runs a bundle's INT8 (QDQ) or FP32 model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from device.engines import EngineError
+from models.bundle import OUTPUTS
+
+
+class OrtEngine:
+    backend = "onnxruntime"
+
+    def __init__(self, model: Path, precision: str, threads: int = 0) -> None:
+        self.precision = precision
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: one per physical core
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(model), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise EngineError(f"{model}: ONNX Runtime cannot load it "
+                              f"({str(e).strip().splitlines()[0]})") from None
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(list(OUTPUTS), {"image": np.ascontiguousarray(batch, np.float32)})
+        return dict(zip(OUTPUTS, outs, strict=True))

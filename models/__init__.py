@@ -1,0 +1,1 @@
+"""Network definitions, weights and the preprocessing shared by trainer and kiosk."""

@@ -1,0 +1,86 @@
+"""The recognition network: an ImageNet backbone with three heads.
+
+- embedding: L2-normalised vector (default 256-d); products are recognised by the nearest
+  reference embedding, so a product enrolled from a few photos needs no retraining;
+- fine: product logits of a cosine classifier (normalised softmax), whose class weights are
+  themselves unit embeddings: the bundle ships them as one prototype per trained product;
+- coarse: category logits from the backbone features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import efficientnet_lite, resnet
+from models.preprocess import InputSpec
+from models.weights import WeightsError, load_weights_file
+
+ARCHITECTURES = {
+    "resnet18": (resnet.resnet18, resnet),
+    "resnet34": (resnet.resnet34, resnet),
+    "resnet50": (resnet.resnet50, resnet),
+    "resnet101": (resnet.resnet101, resnet),
+    "efficientnet_lite0": (efficientnet_lite.efficientnet_lite0, efficientnet_lite),
+}
+
+
+def input_spec(arch: str, size: int = 224) -> InputSpec:
+    """The ImageNet preprocessing of `arch`, at `size` (resized to size*256/224 then cropped)."""
+    family = ARCHITECTURES[arch][1]
+    return InputSpec(size=size, resize=round(size * 256 / 224), mean=family.INPUT_MEAN,
+                     std=family.INPUT_STD)
+
+
+def build_backbone(arch: str, weights: str = "imagenet") -> nn.Module:
+    """`weights`: 'imagenet' (published checkpoint), 'none' (random init) or a checkpoint path."""
+    if arch not in ARCHITECTURES:
+        raise WeightsError(f"unknown architecture '{arch}' (choose from "
+                           f"{', '.join(ARCHITECTURES)})")
+    make, family = ARCHITECTURES[arch]
+    net = make()
+    if weights == "imagenet":
+        if family is resnet:
+            resnet.load_imagenet(net, arch)
+        else:
+            family.load_imagenet(net)
+    elif weights != "none":
+        load_weights_file(net, weights)
+    return net
+
+
+BN_MOMENTUM = 0.1  # fine-tuning runs few steps: running statistics must follow quickly
+
+
+class Recognizer(nn.Module):
+    def __init__(self, backbone: nn.Module, num_fine: int, num_coarse: int,
+                 embed_dim: int = 256, scale: float = 16.0, dropout: float = 0.2) -> None:
+        super().__init__()
+        for m in backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = BN_MOMENTUM
+        self.backbone = backbone
+        features = backbone.num_features
+        self.scale = scale
+        self.neck = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, embed_dim),
+                                  nn.BatchNorm1d(embed_dim))
+        self.fine = nn.Parameter(torch.randn(num_fine, embed_dim) * 0.01)
+        self.coarse = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_coarse))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = self.backbone.forward_features(x)
+        embedding = F.normalize(self.neck(f), dim=1)
+        fine = self.scale * embedding @ self.prototypes().t()
+        return embedding, fine, self.coarse(f)
+
+    def prototypes(self) -> torch.Tensor:
+        return F.normalize(self.fine, dim=1)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.neck.parameters(), self.fine, *self.coarse.parameters()]
+
+
+def build_recognizer(arch: str, num_fine: int, num_coarse: int, weights: str = "imagenet",
+                     embed_dim: int = 256, scale: float = 16.0) -> Recognizer:
+    return Recognizer(build_backbone(arch, weights), num_fine, num_coarse, embed_dim, scale)

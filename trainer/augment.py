@@ -1,0 +1,55 @@
+"""Training-time augmentation in numpy/OpenCV, ending in the shared `normalize`.
+
+Only the geometry and colour are random; the last step is the same `normalize` the kiosk runs,
+so training inputs differ from kiosk inputs only by the augmentation itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from models.preprocess import InputSpec, normalize
+
+
+def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.25, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """A random patch covering `scale` of the photo's area, resized to size x size."""
+    h, w = img.shape[:2]
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            break
+    else:  # fall back to the central square
+        cw = ch = min(h, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    patch = img[top : top + ch, left : left + cw]
+    interp = cv2.INTER_AREA if cw > size else cv2.INTER_LINEAR
+    return cv2.resize(patch, (size, size), interpolation=interp)
+
+
+def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.3,
+                 contrast: float = 0.3, saturation: float = 0.3) -> np.ndarray:
+    """Random brightness, contrast and saturation, as shop lighting and cameras vary."""
+    x = img.astype(np.float32)
+    x *= rng.uniform(1 - brightness, 1 + brightness)
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey.mean() + (x - grey.mean()) * rng.uniform(1 - contrast, 1 + contrast)
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(1 - saturation, 1 + saturation)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def augment(img: np.ndarray, spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
+    """One random training view of an RGB photo, as the network's float input."""
+    x = random_resized_crop(img, spec.size, rng)
+    if rng.random() < 0.5:
+        x = x[:, ::-1]
+    return normalize(color_jitter(x, rng), spec)

@@ -1,0 +1,115 @@
+"""The workstation's subcommands: demo-data, train, evaluate, export.
+
+Importing this module needs no torch; each command imports what it needs when it runs, so a
+kiosk without the `train` extra still lists them and says what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from models.weights import WeightsError
+from trainer.errors import DataError, ExportError, TrainExtraMissing
+
+
+def _need_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise TrainExtraMissing("this command needs the trainer's packages: "
+                                "pip install 'storyscan[train]'") from None
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from trainer.synthetic import generate_demo
+
+    demo = generate_demo(args.out, products=args.products, train=args.train, val=args.val,
+                         scans=args.scans, size=args.size, seed=args.seed, progress=True)
+    print(f"demo catalog of {len(demo.products)} products written to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _need_torch()
+    from trainer.train import TrainConfig, train
+
+    names = {f.name for f in fields(TrainConfig)}
+    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _need_torch()
+    from trainer.evaluate import evaluate
+
+    evaluate(args.data, args.out, checkpoint=args.checkpoint, bundle=args.bundle,
+             precision=args.precision)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _need_torch()
+    from trainer.export import ExportConfig, export
+
+    names = {f.name for f in fields(ExportConfig)}
+    export(ExportConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
+    p = sub.add_parser("demo-data", help="generate the synthetic demo catalog and photos")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--products", type=int, default=30)
+    p.add_argument("--train", type=int, default=24, help="training photos per product")
+    p.add_argument("--val", type=int, default=6, help="validation photos per product")
+    p.add_argument("--scans", type=int, default=6, help="held-out scan photos per product")
+    p.add_argument("--size", type=int, default=256, help="photo side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("train", help="fine-tune a recognition network on product photos")
+    p.add_argument("--data", required=True,
+                   help="folder tree (train/ and val/) or Grocery-Store-style list files")
+    p.add_argument("--out", default="runs/model", help="checkpoint folder")
+    p.add_argument("--arch", default="efficientnet_lite0",
+                   choices=["resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0"])
+    p.add_argument("--weights", default="imagenet",
+                   help="imagenet, none (random init) or a backbone checkpoint file")
+    p.add_argument("--size", type=int, default=224, help="network input side")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5, macro-F1, per-class table, confusion PNG")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint from 'storyscan train'")
+    which.add_argument("--bundle", help="a bundle from 'storyscan export'")
+    p.add_argument("--precision", choices=("int8", "fp32"), default="int8",
+                   help="which model of the bundle")
+    p.add_argument("--data", required=True, help="data folder; its val split is used")
+    p.add_argument("--out", default="runs/eval", help="report folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a kiosk bundle: ONNX FP32 + calibrated INT8")
+    p.add_argument("checkpoint", help="a checkpoint from 'storyscan train' (best.pt)")
+    p.add_argument("--data", required=True,
+                   help="the training data: calibration from train, INT8 check on val")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--name", default="storyscan")
+    p.add_argument("--version", default="1")
+    p.add_argument("--calibration-photos", type=int, default=256)
+    p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"),
+                   default="minmax")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="refuse below this INT8-vs-FP32 top-1 agreement on val")
+    p.add_argument("--force", action="store_true", help="write the bundle even below it")
+    p.set_defaults(func=cmd_export)
+
+    return [DataError, ExportError, TrainExtraMissing, WeightsError]

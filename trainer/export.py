@@ -1,0 +1,185 @@
+"""Export a trained checkpoint as a kiosk bundle: ONNX FP32 and calibrated ONNX INT8.
+
+INT8 is ONNX Runtime static quantisation in QDQ form with per-channel symmetric weights and
+symmetric activations, the form TensorRT's explicit-quantisation builder also accepts. Only the
+backbone is quantised; the small heads stay FP32 so embeddings keep their precision. The
+calibration photos are training photos passed through the shared `prepare`, exactly as the kiosk
+will see them. The INT8 model must agree with FP32 on the validation photos (top-1 product)
+at least `min_agreement` of the time, or no bundle is written.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from device.engines import infer_all
+from device.engines.ort import OrtEngine
+from models.bundle import OUTPUTS, Bundle, write_bundle
+from models.preprocess import InputSpec, prepare
+from models.recognizer import Recognizer
+from trainer.errors import ExportError
+from trainer.ingest import IngestReport, Split, load_split, read_layout
+from trainer.metrics import evaluate_scores
+from trainer.train import load_checkpoint
+
+OPSET = 17
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax,
+                       "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str
+    data: str  # the training data: calibration photos from train, agreement measured on val
+    out: str
+    name: str = "storyscan"
+    version: str = "1"
+    calibration_photos: int = 256
+    calibration: str = "minmax"
+    min_agreement: float = 0.99
+    force: bool = False
+
+
+def export_onnx(model: Recognizer, spec: InputSpec, path: Path) -> None:
+    """FP32 ONNX with a dynamic batch axis and named outputs (embedding, fine, coarse)."""
+    model.eval()
+    dummy = torch.zeros(1, 3, spec.size, spec.size)
+    with warnings.catch_warnings():  # the legacy exporter's deprecation and folding notes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Constant folding", UserWarning)
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=list(OUTPUTS),
+                          dynamic_axes={n: {0: "batch"} for n in ("image", *OUTPUTS)})
+    onnx.checker.check_model(str(path))
+
+
+class _Calibration(CalibrationDataReader):
+    def __init__(self, inputs: list[np.ndarray], batch: int = 16) -> None:
+        self.batches = iter([np.stack(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self.batches, None)
+        return None if x is None else {"image": x}
+
+
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes from the global pooling on: the heads, kept FP32 so embeddings stay precise."""
+    names = [n.name for n in model.graph.node]
+    pools = [i for i, n in enumerate(model.graph.node) if n.op_type == "GlobalAveragePool"]
+    if not pools:
+        raise ExportError("exported network has no GlobalAveragePool: cannot find its heads")
+    return names[pools[0]:]
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray], method: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), _Calibration(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=head_nodes(onnx.load(str(pre))),
+                        calibrate_method=CALIBRATION_METHODS[method],
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+
+
+def calibration_subset(split: Split, count: int, num_classes: int) -> Split:
+    """Up to `count` photos spread evenly over products, so every product shapes the ranges."""
+    by_class: list[list[int]] = [[] for _ in range(num_classes)]
+    for i, f in enumerate(split.fine):
+        by_class[f].append(i)
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < min(count, len(split)):
+        for members in by_class:
+            if depth < len(members) and len(picked) < count:
+                picked.append(members[depth])
+        depth += 1
+    return split.subset(sorted(picked))
+
+
+def export(cfg: ExportConfig) -> Bundle:
+    model, ckpt = load_checkpoint(cfg.checkpoint)
+    spec = InputSpec.from_dict(ckpt["input"])
+    labels = ckpt["labels"]
+    data_labels, train, val = read_layout(cfg.data)
+    if data_labels.fine != labels["fine"]:
+        raise ExportError(f"{cfg.data}: its products differ from the ones {cfg.checkpoint} "
+                          "was trained on")
+    report, seen = IngestReport(), {}
+    to_input = lambda img: prepare(img, spec)  # noqa: E731
+    calib = load_split(calibration_subset(train, cfg.calibration_photos, len(labels["fine"])),
+                       to_input, report, seen, "calibration photos")
+    val = load_split(val, to_input, report, seen, "validation photos")
+    if not len(calib) or not len(val):
+        raise ExportError(f"{cfg.data}: needs training photos to calibrate and validation "
+                          f"photos to check INT8 ({report.summary()})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8, protos = Path(tmp) / "model_fp32.onnx", Path(tmp) / "model_int8.onnx", \
+            Path(tmp) / "prototypes.npy"
+        print(f"exporting ONNX FP32 (opset {OPSET})")
+        export_onnx(model, spec, fp32)
+        print(f"calibrating INT8 on {len(calib)} training photos ({cfg.calibration})")
+        quantize_int8(fp32, int8, calib.images, cfg.calibration)
+        np.save(protos, model.prototypes().detach().numpy().astype(np.float32))
+
+        print(f"checking INT8 against FP32 on {len(val)} validation photos")
+        y_fine, y_coarse = np.array(val.fine), np.array(val.coarse)
+        results = {p: infer_all(OrtEngine(path, p), val.images)
+                   for p, path in (("fp32", fp32), ("int8", int8))}
+        metrics = {p: evaluate_scores(r["fine"], y_fine, r["coarse"], y_coarse).to_dict()
+                   for p, r in results.items()}
+        agreement = float(np.mean(results["int8"]["fine"].argmax(1)
+                                  == results["fp32"]["fine"].argmax(1)))
+        cosine = float(np.mean(np.sum(results["int8"]["embedding"]
+                                      * results["fp32"]["embedding"], axis=1)))
+        metrics["int8_fp32_agreement"] = agreement
+        metrics["int8_fp32_embedding_cosine"] = cosine
+        metrics["val_photos"] = len(val)
+        print(f"val product top-1: FP32 {metrics['fp32']['fine_top1']:.3f}, INT8 "
+              f"{metrics['int8']['fine_top1']:.3f}; INT8/FP32 agreement {agreement:.4f}, "
+              f"embedding cosine {cosine:.4f}")
+        if agreement < cfg.min_agreement and not cfg.force:
+            raise ExportError(f"INT8 agrees with FP32 on {agreement:.1%} of validation photos, "
+                              f"below --min-agreement {cfg.min_agreement:.1%}; bundle not "
+                              "written (use --force to write it anyway)")
+        manifest = {
+            "name": cfg.name,
+            "version": cfg.version,
+            "architecture": ckpt["config"]["arch"],
+            "input": spec.to_dict(),
+            "heads": {
+                "embedding": {"output": "embedding", "dim": int(ckpt["config"]["embed_dim"])},
+                "fine": {"output": "fine", "labels": labels["fine"],
+                         "prototypes": protos.name, "scale": float(ckpt["config"]["scale"])},
+                "coarse": {"output": "coarse", "labels": labels["coarse"],
+                           "of_fine": labels["coarse_of_fine"]},
+            },
+            "models": {"fp32": fp32.name, "int8": int8.name},
+            "quantization": {"format": "QDQ", "weights": "int8 per-channel symmetric",
+                             "activations": "int8 symmetric", "calibration": cfg.calibration,
+                             "calibration_photos": len(calib), "fp32_layers": "heads"},
+            "metrics": metrics,
+            "training": {"epochs": ckpt["epoch"], "data": str(cfg.data)},
+        }
+        bundle = write_bundle(cfg.out, manifest, {fp32.name: fp32, int8.name: int8,
+                                                  protos.name: protos})
+    print(f"bundle written: {bundle.path} ({bundle.key})")
+    return bundle
