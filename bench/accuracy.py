@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section  # noqa: E402
-from models.tables import format_markdown_table, format_table  # noqa: E402
-from trainer.export import ExportConfig, export  # noqa: E402
-from trainer.train import TrainConfig, train  # noqa: E402
+from bench.report import write_section
+from models.tables import format_markdown_table, format_table
+from trainer.export import ExportConfig, export
+from trainer.train import TrainConfig, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
 COLUMNS = ["arch", "init", "size", "epochs", "train min", "precision", "fine top-1",

@@ -7,6 +7,7 @@ benchmarks' sections as they were.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -17,7 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nEvery number here is written by a script in `bench/`; rerun the command to check it.\n"
+HEADER = ("# Benchmarks\n\nEvery number here is written by a script in `bench/`; rerun its "
+          "command to check it.\n")
 
 
 def cpu_model() -> str:
@@ -33,10 +35,8 @@ def cpu_model() -> str:
 def machine() -> str:
     packages = []
     for name in ("torch", "onnxruntime", "opencv-python-headless", "numpy"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             packages.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            pass
     return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}; " + ", ".join(packages))
 

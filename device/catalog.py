@@ -15,6 +15,7 @@ model recomputes them, and switching back to an older model finds its own still 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ import numpy as np
 import sqlite_utils
 
 SCHEMA_VERSION = 1
+SKU_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe folder name
 
 
 class CatalogError(ValueError):
@@ -43,7 +45,7 @@ class Product:
     def story(self, lang: str = "en") -> str:
         """The story in `lang`, else English, else any language there is."""
         return self.stories.get(lang) or self.stories.get("en") or next(
-            iter(self.stories.values()), "")
+            (s for s in self.stories.values() if s), "")
 
 
 def now() -> str:
@@ -114,8 +116,12 @@ class Catalog:
         taken from `source_dir`. A replaced product's old embeddings go, its new photos need
         embedding again.
         """
-        copies = [(p, [self._copy_image(p.sku, Path(img), source_dir) for img in p.images])
-                  for p in products]
+        for p in products:
+            if not SKU_PATTERN.fullmatch(p.sku):
+                raise CatalogError(f"SKU {p.sku!r} is not allowed: use letters, digits, '.', "
+                                   "'_' and '-' (at most 64, starting with a letter or digit)")
+        copies = [(p, [self._copy_image(p.sku, i, Path(img), source_dir)
+                       for i, img in enumerate(p.images)]) for p in products]
         with self.db.atomic():
             for p, images in copies:
                 self.db["embeddings"].delete_where("sku = ?", [p.sku])
@@ -129,12 +135,12 @@ class Catalog:
                      for lang, text in p.stories.items() if text], pk=("sku", "lang"))
             return self._bump_version()
 
-    def _copy_image(self, sku: str, src: Path, source_dir: Path | None) -> str:
+    def _copy_image(self, sku: str, index: int, src: Path, source_dir: Path | None) -> str:
         if not src.is_absolute() and source_dir is not None:
             src = source_dir / src
         if not src.is_file():
             raise CatalogError(f"{src}: reference photo of {sku} not found")
-        rel = Path(sku) / src.name
+        rel = Path(sku) / f"{index:02d}-{src.name}"  # photos of one product may share a name
         dst = self.media / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.resolve() != dst.resolve():

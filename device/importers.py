@@ -48,16 +48,23 @@ def _product_from_folder(folder: Path, category: str) -> Product:
             meta = json.loads((folder / "product.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise CatalogError(f"{folder / 'product.json'}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("story") or {}, dict):
+            raise CatalogError(f"{folder / 'product.json'}: expected an object with "
+                               '"story" as {"<lang>": "text"}')
     stories = dict(meta.get("story") or {})
     for f in sorted(folder.glob("story*.txt")):
         lang = f.stem.split(".", 1)[1] if "." in f.stem else "en"
         stories.setdefault(lang, f.read_text(encoding="utf-8").strip())
     images = [str(folder / i) for i in meta["images"]] if meta.get("images") else _images(folder)
     price = meta.get("price")
+    try:
+        price = float(price) if price is not None else None
+    except (TypeError, ValueError):
+        raise CatalogError(f"{folder / 'product.json'}: price {price!r} is not a number") from None
     return Product(sku=str(meta.get("sku", folder.name)),
                    name=str(meta.get("name", folder.name.replace("-", " ").replace("_", " "))),
                    category=str(meta.get("category", category)),
-                   price=float(price) if price is not None else None,
+                   price=price,
                    currency=str(meta.get("currency", "EUR")), stories=stories, images=images)
 
 
@@ -77,9 +84,10 @@ def read_folder(root: Path) -> list[Product]:
 def read_csv(path: Path) -> list[Product]:
     products = []
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    for n, row in enumerate(rows, 2):
-        if not row.get("sku") or not row.get("name"):
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, row) for row in reader]  # a row's last line: stories may wrap
+    for n, row in rows:
+        if not (row.get("sku") or "").strip() or not (row.get("name") or "").strip():
             raise CatalogError(f"{path}:{n}: every product needs 'sku' and 'name'")
         try:
             price = float(row["price"]) if row.get("price") else None
@@ -100,7 +108,7 @@ def _information(path: Path) -> dict[str, str]:
     """`Key: value` lines of a Grocery Store information sheet."""
     info = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
             key, sep, value = line.partition(":")
             if sep and value.strip() and key.strip() not in info:
                 info[key.strip()] = value.strip()
@@ -117,13 +125,14 @@ def read_grocery_classes(path: Path) -> list[Product]:
             sku, category = row[0].strip(), row[2].strip()
             iconic = root / row[4].strip().lstrip("/")
             description = root / row[5].strip().lstrip("/")
-            info = _information(description.with_name(description.name.replace(
-                "_Description.txt", "_Information.txt")))
-            story = description.read_text(encoding="utf-8").strip() \
+            stem = description.name.removesuffix("_Description.txt")
+            info = _information(description.with_name(f"{stem}_Information.txt")) or \
+                _information(description.with_name(f"{stem}-Information.txt"))
+            story = description.read_text(encoding="utf-8-sig").strip() \
                 if description.is_file() else ""
             origin = [f"{k}: {v}" for k, v in info.items()
                       if k in ("Country and volume", "Manufacturer and volume",
-                               "Manufacturing country", "Country of origin")]
+                               "Manufacturing country", "Country of origin", "Country")]
             if origin:
                 story = story + "\n\n" + "\n".join(origin)
             products.append(Product(sku, info.get("Title", sku.replace("-", " ")), category,

@@ -36,7 +36,8 @@ class Matcher:
 
     def scores(self, embedding: np.ndarray) -> np.ndarray:
         """Best similarity per product ([products])."""
-        sims = self.vectors @ embedding.astype(np.float32)
+        query = embedding.astype(np.float32)
+        sims = self.vectors @ (query / max(float(np.linalg.norm(query)), 1e-12))
         best = np.full(len(self.products), -np.inf, np.float32)
         np.maximum.at(best, self.owner, sims)
         return best

@@ -158,14 +158,21 @@ def read_tree(root: Path) -> tuple[Labels, Split, Split]:
 def read_classes_csv(path: Path) -> Labels:
     """Grocery Store `classes.csv`: fine name, fine id, coarse name, coarse id, ..."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))[1:]
+        reader = csv.reader(f)
+        next(reader, None)
+        rows = [(reader.line_num, row) for row in reader]
     fine: dict[int, str] = {}
     coarse: dict[int, str] = {}
     coarse_of: dict[int, int] = {}
-    for row in rows:
+    for n, row in rows:
         if len(row) < 4:
             continue
-        fid, cid = int(row[1]), int(row[3])
+        try:
+            fid, cid = int(row[1]), int(row[3])
+        except ValueError:
+            raise DataError(f"{path}:{n}: class ids must be whole numbers") from None
+        if fid in fine:
+            raise DataError(f"{path}:{n}: class id {fid} used twice (class ids are not 0..N-1)")
         fine[fid], coarse[cid], coarse_of[fid] = row[0].strip(), row[2].strip(), cid
     if sorted(fine) != list(range(len(fine))) or sorted(coarse) != list(range(len(coarse))):
         raise DataError(f"{path}: class ids are not 0..N-1")

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real Grocery Store data when present, and one small trained demo model.
+
+The trained model is built once per test session (synthetic data -> train -> export -> catalog
+import) and reused by every test that needs a real bundle; nothing in it is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GROCERY = ROOT.parent / "shared" / "data" / "grocery"
+needs_grocery = pytest.mark.skipif(not (GROCERY / "train.txt").is_file(),
+                                   reason=f"Grocery Store data not found at {GROCERY}")
+
+
+@dataclass(frozen=True)
+class TrainedDemo:
+    data: Path  # synthetic demo data (catalog/, train/, val/, scans/)
+    run: Path  # checkpoints
+    bundle: Path
+    catalog: Path
+    train_seconds: float
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
+    """12 synthetic products, trained and exported for real (about a minute on 2 cores)."""
+    from device.catalog import Catalog
+    from device.importers import read_products
+    from device.pipeline import Pipeline
+    from trainer.export import ExportConfig, export
+    from trainer.synthetic import generate_demo
+    from trainer.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo(root / "data", products=12, train=20, val=5, scans=8, size=160, seed=7)
+    t0 = time.time()
+    best = train(TrainConfig(data=str(root / "data"), out=str(root / "run"), size=112,
+                             epochs=5, batch_size=24, lr=0.02, seed=0))
+    seconds = time.time() - t0
+    # 60 val photos: one INT8/FP32 disagreement is already 1.7%, so the gate is looser here.
+    export(ExportConfig(checkpoint=str(best), data=str(root / "data"), out=str(root / "bundle"),
+                        name="e2e", version="1", calibration_photos=96, min_agreement=0.95))
+    Catalog(root / "catalog.db").upsert(read_products(root / "data" / "catalog"))
+    Pipeline.open(root / "bundle", root / "catalog.db")  # computes the reference embeddings
+    return TrainedDemo(root / "data", root / "run", root / "bundle", root / "catalog.db", seconds)
+
+
+def storyscan(*args: str | Path, env: dict[str, str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the installed `storyscan` command as a user would."""
+    exe = Path(sys.executable).with_name("storyscan")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)

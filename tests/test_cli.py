@@ -1,0 +1,152 @@
+"""The `storyscan` command as a user meets it: bad input gets one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TrainedDemo, storyscan
+
+
+def one_error_line(stderr: str, *needles: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("storyscan: error:")]
+    assert "Traceback" not in stderr, stderr
+    assert lines, stderr
+    for needle in needles:
+        assert any(needle in ln for ln in lines), (needle, stderr)
+    return lines[0]
+
+
+def test_help_lists_only_the_commands_that_exist() -> None:
+    result = storyscan("--help")
+    assert result.returncode == 0
+    listed = {ln.split()[0] for ln in result.stdout.splitlines()
+              if ln.startswith("    ") and not ln.startswith("     ")}
+    assert listed == {"scan", "catalog", "demo-data", "train", "evaluate", "export"}
+
+
+def test_missing_data_folder_is_one_line(tmp_path: Path) -> None:
+    result = storyscan("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
+    assert result.returncode == 1
+    one_error_line(result.stderr, "nowhere", "no such data folder")
+
+
+def test_catalog_import_of_a_non_catalog_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    result = storyscan("catalog", "import", tmp_path / "notes.txt", "--catalog", tmp_path / "c.db")
+    assert result.returncode == 1
+    one_error_line(result.stderr, "notes.txt", "not a catalog")
+
+
+def test_scan_without_a_bundle_is_one_line(tmp_path: Path) -> None:
+    result = storyscan("scan", tmp_path, "--bundle", tmp_path / "missing",
+                       "--catalog", tmp_path / "c.db")
+    assert result.returncode == 1
+    one_error_line(result.stderr, "missing", "not a bundle directory")
+
+
+# --- photos -------------------------------------------------------------------------------------
+
+
+def _jpeg(path: Path, rgb: np.ndarray) -> Path:
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+@pytest.fixture
+def bad_photos(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, phrase its error line must contain)."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (120, 160, 3), np.uint8)
+    good = _jpeg(tmp_path / "good.jpg", photo).read_bytes()
+    (tmp_path / "notes.jpg").write_text("not a photo at all")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
+    sof = good.index(b"\xff\xc0")
+    huge = bytearray(good)
+    huge[sof + 5 : sof + 9] = struct.pack(">HH", 50000, 50000)
+    (tmp_path / "huge.jpg").write_bytes(bytes(huge))
+    return {
+        "not an image": (tmp_path / "notes.jpg", "not an image"),
+        "0 bytes": (tmp_path / "empty.jpg", "empty file"),
+        "truncated": (tmp_path / "cut.jpg", "truncated JPEG"),
+        "50000x50000": (tmp_path / "huge.jpg", "50000x50000"),
+    }
+
+
+@pytest.fixture
+def odd_but_valid_photos(tmp_path: Path) -> list[Path]:
+    """PNG with alpha, grayscale and CMYK: all must be recognised, not refused."""
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 255, (100, 100, 4), np.uint8)
+    rgba[:50, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(rng.integers(0, 255, (100, 100), np.uint8), "L").save(tmp_path / "grey.jpg")
+    Image.fromarray(rng.integers(0, 255, (100, 100, 3), np.uint8)).convert("CMYK").save(
+        tmp_path / "cmyk.jpg")
+    return [tmp_path / "alpha.png", tmp_path / "grey.jpg", tmp_path / "cmyk.jpg"]
+
+
+@pytest.mark.slow
+def test_bad_photos_get_one_line_each_and_good_ones_still_scan(
+        trained_demo: TrainedDemo, bad_photos: dict[str, tuple[Path, str]],
+        odd_but_valid_photos: list[Path]) -> None:
+    files = [f for f, _ in bad_photos.values()] + odd_but_valid_photos
+    result = storyscan("scan", *files, "--bundle", trained_demo.bundle,
+                       "--catalog", trained_demo.catalog, "--json")
+    assert result.returncode == 1  # some photos could not be read
+    assert "Traceback" not in result.stderr
+    rows = {Path(r["source"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    for path, phrase in bad_photos.values():
+        assert phrase in rows[path.name]["error"], rows[path.name]
+    for path in odd_but_valid_photos:
+        assert rows[path.name].get("sku"), rows[path.name]
+    assert "4 of 7 photos could not be read" in result.stderr
+
+
+@pytest.mark.slow
+def test_bad_photo_in_table_mode_is_one_line_naming_it(
+        trained_demo: TrainedDemo, bad_photos: dict[str, tuple[Path, str]]) -> None:
+    for path, phrase in bad_photos.values():
+        result = storyscan("scan", path, "--bundle", trained_demo.bundle,
+                           "--catalog", trained_demo.catalog)
+        assert result.returncode == 1
+        one_error_line(result.stderr, path.name, phrase)
+
+
+# --- bundles ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundle_copy(trained_demo: TrainedDemo, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained_demo.bundle, tmp_path / "bundle"))
+
+
+@pytest.mark.slow
+def test_tampered_model_file_is_refused(trained_demo: TrainedDemo, bundle_copy: Path) -> None:
+    model = bundle_copy / "model_int8.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    result = storyscan("scan", trained_demo.data / "scans", "--bundle", bundle_copy,
+                       "--catalog", trained_demo.catalog)
+    assert result.returncode == 1
+    one_error_line(result.stderr, "model_int8.onnx", "sha256")
+
+
+@pytest.mark.slow
+def test_manifest_missing_a_field_is_refused(trained_demo: TrainedDemo, bundle_copy: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    del manifest["heads"]["fine"]["labels"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    result = storyscan("scan", trained_demo.data / "scans", "--bundle", bundle_copy,
+                       "--catalog", trained_demo.catalog)
+    assert result.returncode == 1
+    one_error_line(result.stderr, "bundle", "heads.fine.labels")

@@ -1,0 +1,127 @@
+"""End to end, for real: synthetic photos -> train -> export FP32 + INT8 -> catalog -> scan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TrainedDemo, storyscan
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_is_quick_and_keeps_the_best_checkpoint(trained_demo: TrainedDemo) -> None:
+    assert trained_demo.train_seconds < 120
+    history = json.loads((trained_demo.run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert (trained_demo.run / "best.pt").is_file() and (trained_demo.run / "last.pt").is_file()
+
+
+def test_bundle_records_fp32_and_int8_metrics(trained_demo: TrainedDemo) -> None:
+    from models.bundle import load_bundle
+
+    bundle = load_bundle(trained_demo.bundle)
+    metrics = bundle.manifest["metrics"]
+    assert bundle.precisions == ["int8", "fp32"]
+    assert metrics["int8_fp32_agreement"] >= 0.95
+    assert abs(metrics["int8"]["fine_top1"] - metrics["fp32"]["fine_top1"]) <= 0.05
+    assert len(bundle.fine_labels) == 12
+
+
+def test_scanning_held_out_photos_is_at_least_90_percent_right(trained_demo: TrainedDemo) -> None:
+    result = storyscan("scan", trained_demo.data / "scans", "--bundle", trained_demo.bundle,
+                       "--catalog", trained_demo.catalog, "--json", "--labels-from-folders")
+    assert result.returncode == 0, result.stderr
+    scans = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(scans) == 12 * 8
+    correct = sum(s["sku"] == s["expected"] for s in scans)
+    assert correct / len(scans) >= 0.90, f"{correct}/{len(scans)}"
+    first = scans[0]
+    assert first["story"] and len(first["alternatives"]) == 5
+    assert set(first["timings_ms"]) == {"decode", "preprocess", "inference", "match"}
+
+
+def test_scan_prints_a_readable_table(trained_demo: TrainedDemo) -> None:
+    photo = next((trained_demo.data / "scans").rglob("*.jpg"))
+    result = storyscan("scan", photo, "--bundle", trained_demo.bundle,
+                       "--catalog", trained_demo.catalog)
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0]
+    for column in ("photo", "product", "conf", "alternatives", "story", "inference ms"):
+        assert column in header
+    assert "latency p50" in result.stdout
+
+
+def test_evaluate_writes_per_class_table_and_confusion_png(trained_demo: TrainedDemo,
+                                                           tmp_path: Path) -> None:
+    result = storyscan("evaluate", "--bundle", trained_demo.bundle, "--data", trained_demo.data,
+                       "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fine" in result.stdout and "weakest products" in result.stdout
+    for name in ("metrics.json", "per_class.csv", "confusion_fine.png", "confusion_coarse.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 12 * 5
+
+
+def test_export_refuses_a_bundle_below_min_agreement(trained_demo: TrainedDemo,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    result = storyscan("export", trained_demo.run / "best.pt", "--data", trained_demo.data,
+                       "--out", out, "--calibration-photos", "12", "--min-agreement", "1.01")
+    assert result.returncode == 1
+    assert "below --min-agreement" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_resume_continues_after_the_last_epoch(trained_demo: TrainedDemo, tmp_path: Path) -> None:
+    from trainer.train import TrainConfig, train
+
+    cfg = TrainConfig(data=str(trained_demo.data), out=str(tmp_path), size=64, epochs=1,
+                      batch_size=32, weights="none")
+    train(cfg)
+    cfg.epochs, cfg.resume = 2, True
+    train(cfg)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_new_bundle_gets_its_own_reference_embeddings(trained_demo: TrainedDemo,
+                                                      tmp_path: Path) -> None:
+    """Embeddings are per model: a re-exported bundle (new key) recomputes them on open."""
+    import shutil
+
+    from device.catalog import Catalog
+    from device.pipeline import Pipeline
+    from models.bundle import load_bundle, write_bundle
+
+    old = load_bundle(trained_demo.bundle)
+    manifest = {k: v for k, v in old.manifest.items()
+                if k not in ("schema_version", "created", "files")} | {"version": "2"}
+    files = {name: trained_demo.bundle / name for name in old.manifest["files"]}
+    new = write_bundle(tmp_path / "bundle-v2", manifest, files)
+    db = tmp_path / "catalog.db"
+    shutil.copy(trained_demo.catalog, db)
+    shutil.copytree(trained_demo.catalog.with_name("catalog-media"), tmp_path / "catalog-media")
+    assert len(Catalog(db).missing_embeddings(new.key)) == 12
+    pipeline = Pipeline.open(new.path, db)
+    assert Catalog(db).missing_embeddings(new.key) == []
+    assert len(Catalog(db).missing_embeddings(old.key)) == 0
+    assert len(pipeline.matcher) == 12
+
+
+def test_kiosk_side_runs_without_torch(trained_demo: TrainedDemo) -> None:
+    """The device imports no torch: scanning works with torch made unimportable."""
+    photo = next((trained_demo.data / "catalog").rglob("catalog.jpg"))
+    code = ("import sys; sys.modules['torch'] = None; from device.cli import main; "
+            f"rc = main(['scan', {str(photo)!r}, '--bundle', {str(trained_demo.bundle)!r}, "
+            f"'--catalog', {str(trained_demo.catalog)!r}, '--json']); "
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]; "
+            "sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sku"] == photo.parent.name
