@@ -20,13 +20,12 @@ from device.catalog import Catalog, CatalogError
 from device.engines import BACKENDS, EngineError
 from device.importers import read_products
 from models.bundle import BundleError
-from models.preprocess import ImageError
+from models.preprocess import IMAGE_SUFFIXES, ImageError
 from models.tables import format_table
 
 # Errors that carry a one-line message for the user; every package adds its own to this tuple.
 USER_ERRORS: tuple[type[Exception], ...] = (ImageError, BundleError, CatalogError, EngineError,
                                             FileNotFoundError)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def add_model_args(p: argparse.ArgumentParser, need_bundle: bool = True) -> None:
@@ -72,7 +71,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         raise CatalogError(f"{args.catalog}: no products to match against "
                            "(run 'storyscan catalog import' first)")
     photos = expand_photos(args.photos)
-    rows, failed, correct, latencies = [], 0, 0, []
+    rows, failed, correct, latencies, stages = [], 0, 0, [], []
     for path in photos:
         try:
             r = pipeline.scan_file(path)
@@ -83,6 +82,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
             continue
         total = sum(r.timings_ms.values())
         latencies.append(total)
+        stages.append(r.timings_ms)
         truth = path.parent.name if args.labels_from_folders else None
         correct += truth == r.sku
         if args.json:
@@ -104,7 +104,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         lat = np.array(latencies)
         summary = (f"{len(latencies)} photos scanned with {pipeline.bundle.key} "
                    f"({pipeline.engine.backend} {pipeline.engine.precision}); latency p50 "
-                   f"{np.percentile(lat, 50):.1f} ms, p95 {np.percentile(lat, 95):.1f} ms")
+                   f"{np.percentile(lat, 50):.1f} ms, p95 {np.percentile(lat, 95):.1f} ms (p50 "
+                   + ", ".join(f"{k} {np.median([t[k] for t in stages]):.1f}" for k in stages[0])
+                   + ")")
         if args.labels_from_folders:
             summary += f"; accuracy {correct}/{len(latencies)} = {correct / len(latencies):.1%}"
         print(summary)
@@ -168,7 +170,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="storyscan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="storyscan",
+        description="storyscan: recognise a product in a photo and tell its story; train and "
+                    "export the models that do it.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     errors = list(USER_ERRORS)
     for ep in sorted(entry_points(group="storyscan.commands"), key=lambda e: e.name):

@@ -18,8 +18,7 @@ import json
 from pathlib import Path
 
 from device.catalog import CatalogError, Product
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+from models.preprocess import IMAGE_SUFFIXES
 
 
 def read_products(source: str | Path) -> list[Product]:

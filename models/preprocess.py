@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})  # photos in folders
 MAX_FILE_BYTES = 40 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # 40 megapixels: any phone photo, far below what would exhaust memory
 BACKGROUND_RGB = (255, 255, 255)  # transparent pixels are composited onto white, like a web page

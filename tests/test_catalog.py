@@ -353,7 +353,7 @@ def test_the_real_grocery_store_classes_import_into_a_catalog(tmp_path: Path) ->
         rows = {row[0]: row for row in list(csv.reader(f))[1:]}
     for p in products:
         iconic = GROCERY / rows[p.sku][4].lstrip("/")
-        assert [Path(i).name for i in p.images] == [iconic.name]
+        assert [Path(i).name for i in p.images] == [f"00-{iconic.name}"]
         assert Path(p.images[0]).read_bytes() == iconic.read_bytes()
         description = (GROCERY / rows[p.sku][5].lstrip("/")).read_text(encoding="utf-8-sig")
         assert p.story("en").startswith(description.strip())

@@ -56,9 +56,11 @@ def test_scan_prints_a_readable_table(trained_demo: TrainedDemo) -> None:
     assert "latency p50" in result.stdout
 
 
+@pytest.mark.parametrize("model", ["bundle", "checkpoint"])
 def test_evaluate_writes_per_class_table_and_confusion_png(trained_demo: TrainedDemo,
-                                                           tmp_path: Path) -> None:
-    result = storyscan("evaluate", "--bundle", trained_demo.bundle, "--data", trained_demo.data,
+                                                           tmp_path: Path, model: str) -> None:
+    source = trained_demo.bundle if model == "bundle" else trained_demo.run / "best.pt"
+    result = storyscan("evaluate", f"--{model}", source, "--data", trained_demo.data,
                        "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "fine" in result.stdout and "weakest products" in result.stdout

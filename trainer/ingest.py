@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models.preprocess import ImageError, load_image
+from models.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 from trainer.errors import DataError
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MIN_SIDE = 32  # smaller than this carries no usable detail
 VAL_EVERY = 7  # a folder tree without a val/ subtree gives every 7th photo to validation
 FLAT_CATEGORY = "products"  # category of products in a flat `root/<product>/` tree
