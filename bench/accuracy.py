@@ -72,7 +72,9 @@ def main() -> None:
         f"Grocery Store data set: trained on `train` (2,640 photos), measured on all of `val` "
         f"(296 photos, 81 products, 43 categories). Batch {args.batch_size}, SGD lr "
         f"{args.lr} (heads x10), cosine schedule; INT8 is ONNX Runtime static QDQ, "
-        "per-channel symmetric weights, calibrated on 256 training photos, heads kept FP32.\n\n"
+        "per-channel symmetric weights, calibrated on 256 training photos, heads kept FP32. "
+        "`train min` is wall-clock, photo checks included; on a shared machine it varies with "
+        "load.\n\n"
         + format_markdown_table(rows, COLUMNS, formats)
     )
     print(f"written to {write_section('accuracy', 'Accuracy on Grocery Store val', body)}")
