@@ -63,7 +63,7 @@ class Pipeline:
         missing = self.catalog.missing_embeddings(self.bundle.key)
         rows = []
         for sku, path in tqdm(missing, desc="embedding reference photos", unit="photo",
-                              disable=not progress or not missing, leave=False):
+                              disable=None if progress and missing else True, leave=False):
             try:
                 rows.append((sku, path, self.embed([load_image(path)])[0]))
             except ImageError as e:

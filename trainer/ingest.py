@@ -211,7 +211,7 @@ def load_split(split: Split, transform: Transform, report: IngestReport, seen: d
     """Decode every photo once and keep `transform(photo)` of the good ones."""
     kept = Split([], [], [])
     for path, f, c in tqdm(list(zip(split.paths, split.fine, split.coarse, strict=True)),
-                           desc=desc, unit="photo", leave=False):
+                           desc=desc, unit="photo", leave=False, disable=None):
         try:
             data = path.read_bytes()
         except OSError as e:

@@ -1227,7 +1227,8 @@ def generate_demo(
         if progress:
             from tqdm import tqdm
 
-            done = tqdm(done, total=len(catalog.products), desc="demo catalog", unit="product")
+            done = tqdm(done, total=len(catalog.products), desc="demo catalog", unit="product",
+                        disable=None)
         for _ in done:
             pass
     return catalog

@@ -175,7 +175,7 @@ def train(cfg: TrainConfig) -> Path:
         model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
         bar = tqdm(batches(len(data.train), cfg.batch_size, rng), desc=f"epoch {epoch + 1}/"
-                   f"{cfg.epochs}", unit="batch", leave=False)
+                   f"{cfg.epochs}", unit="batch", leave=False, disable=None)
         for i, idx in enumerate(bar):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
