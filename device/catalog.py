@@ -135,6 +135,18 @@ class Catalog:
                      for lang, text in p.stories.items() if text], pk=("sku", "lang"))
             return self._bump_version()
 
+    def add_photos(self, sku: str, photos: list[Path]) -> int:
+        """Add reference photos to a product, keeping the ones it has; returns the new version."""
+        product = self.product(sku)
+        if product is None:
+            raise CatalogError(f"{self.path}: no product with SKU {sku!r}")
+        images = [Path(p).relative_to(self.media).as_posix() for p in product.images]
+        images += [self._copy_image(sku, len(images) + i, Path(p), None)
+                   for i, p in enumerate(photos)]
+        with self.db.atomic():
+            self.db["products"].update(sku, {"images": json.dumps(images), "updated": now()})
+            return self._bump_version()
+
     def _copy_image(self, sku: str, index: int, src: Path, source_dir: Path | None) -> str:
         if not src.is_absolute() and source_dir is not None:
             src = source_dir / src

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from device.catalog import Catalog, CatalogError
+from device.catalog import Catalog, CatalogError, Product
 from device.engines import BACKENDS, EngineError
 from device.importers import read_products
 from models.bundle import BundleError
-from models.preprocess import IMAGE_SUFFIXES, ImageError
+from models.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 from models.tables import format_table
 
 # Errors that carry a one-line message for the user; every package adds its own to this tuple.
@@ -115,6 +115,35 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# --- storyscan enroll --------------------------------------------------------------------------
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Few-shot enrolment: reference photos make a product recognisable now, no retraining."""
+    from device.pipeline import Pipeline
+
+    photos = expand_photos(args.photos)
+    for photo in photos:
+        load_image(photo)  # a bad photo stops the enrolment before anything changes
+    catalog = Catalog(args.catalog)
+    if catalog.product(args.sku) is None:
+        if not (args.name and args.category):
+            raise CatalogError(f"{args.sku} is a new product: give --name and --category")
+        version = catalog.upsert([Product(
+            args.sku, args.name, args.category, args.price, args.currency,
+            {args.lang: args.story} if args.story else {}, [str(p) for p in photos])])
+    else:
+        version = catalog.add_photos(args.sku, photos)
+    pipeline = Pipeline.open(args.bundle, args.catalog, args.precision, args.engine,
+                             args.threads)
+    product = catalog.product(args.sku)
+    found = sum(pipeline.scan_file(p).sku == args.sku for p in photos)
+    print(f"enrolled {len(photos)} photos of {args.sku} ({product.name}); it now has "
+          f"{len(product.images)} reference photos (catalog version {version}); "
+          f"{found}/{len(photos)} of the enrolled photos are recognised as {args.sku}")
+    return 0
+
+
 # --- storyscan catalog -------------------------------------------------------------------------
 
 
@@ -156,6 +185,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="each photo's folder name is its true SKU: report accuracy")
     p.add_argument("--summary", action="store_true", help="print only the summary line")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("enroll", help="make a product recognisable from a few photos, now")
+    p.add_argument("sku")
+    p.add_argument("photos", nargs="+", help="photo files or folders of the product")
+    p.add_argument("--name", help="product name (needed for a new product)")
+    p.add_argument("--category", help="category (needed for a new product)")
+    p.add_argument("--price", type=float)
+    p.add_argument("--currency", default="EUR")
+    p.add_argument("--story", help="the product's story")
+    p.add_argument("--lang", default="en", help="language of --story")
+    add_model_args(p)
+    add_catalog_arg(p)
+    p.set_defaults(func=cmd_enroll)
 
     p = sub.add_parser("catalog", help="manage the on-device product catalog")
     csub = p.add_subparsers(dest="catalog_command", required=True)

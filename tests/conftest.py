@@ -54,6 +54,19 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
     return TrainedDemo(root / "data", root / "run", root / "bundle", root / "catalog.db", seconds)
 
 
+def copy_catalog(trained_demo: TrainedDemo, dest: Path) -> Path:
+    """A private copy of the demo catalog: SQLite's backup API (the file alone may miss WAL
+    pages) plus its media folder."""
+    import shutil
+    import sqlite3
+
+    db = dest / "catalog.db"
+    with sqlite3.connect(trained_demo.catalog) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
+    shutil.copytree(trained_demo.catalog.with_name("catalog-media"), dest / "catalog-media")
+    return db
+
+
 def storyscan(*args: str | Path, env: dict[str, str] | None = None,
               timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the installed `storyscan` command as a user would."""

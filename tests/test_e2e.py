@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TrainedDemo, storyscan
+from tests.conftest import ROOT, TrainedDemo, copy_catalog, storyscan
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,6 @@ def test_resume_continues_after_the_last_epoch(trained_demo: TrainedDemo, tmp_pa
 def test_new_bundle_gets_its_own_reference_embeddings(trained_demo: TrainedDemo,
                                                       tmp_path: Path) -> None:
     """Embeddings are per model: a re-exported bundle (new key) recomputes them on open."""
-    import shutil
-
     from device.catalog import Catalog
     from device.pipeline import Pipeline
     from models.bundle import load_bundle, write_bundle
@@ -105,9 +103,7 @@ def test_new_bundle_gets_its_own_reference_embeddings(trained_demo: TrainedDemo,
                 if k not in ("schema_version", "created", "files")} | {"version": "2"}
     files = {name: trained_demo.bundle / name for name in old.manifest["files"]}
     new = write_bundle(tmp_path / "bundle-v2", manifest, files)
-    db = tmp_path / "catalog.db"
-    shutil.copy(trained_demo.catalog, db)
-    shutil.copytree(trained_demo.catalog.with_name("catalog-media"), tmp_path / "catalog-media")
+    db = copy_catalog(trained_demo, tmp_path)
     assert len(Catalog(db).missing_embeddings(new.key)) == 12
     pipeline = Pipeline.open(new.path, db)
     assert Catalog(db).missing_embeddings(new.key) == []
@@ -127,3 +123,46 @@ def test_kiosk_side_runs_without_torch(trained_demo: TrainedDemo) -> None:
                             cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["sku"] == photo.parent.name
+
+
+@pytest.fixture
+def unseen_products(trained_demo: TrainedDemo, tmp_path: Path) -> Path:
+    """The same synthetic shop with two more products the model never saw (PLT-004, VAS-004)."""
+    from trainer.synthetic import generate_demo
+
+    generate_demo(tmp_path / "more", products=14, train=20, val=5, scans=8, size=160, seed=7)
+    return tmp_path / "more"
+
+
+def test_enrolled_product_is_recognised_without_retraining(
+        trained_demo: TrainedDemo, unseen_products: Path, tmp_path: Path) -> None:
+    db = copy_catalog(trained_demo, tmp_path)
+    photos = sorted((unseen_products / "train" / "vases" / "VAS-004").glob("*.jpg"))[:5]
+    result = storyscan("enroll", "VAS-004", *photos, "--name", "Night Garden Vase",
+                       "--category", "vases", "--price", "89", "--story", "Thrown in Gouda.",
+                       "--bundle", trained_demo.bundle, "--catalog", db)
+    assert result.returncode == 0, result.stderr
+    assert "5/5 of the enrolled photos are recognised as VAS-004" in result.stdout
+    scan = storyscan("scan", unseen_products / "scans" / "vases" / "VAS-004", "--json",
+                     "--labels-from-folders", "--bundle", trained_demo.bundle, "--catalog", db)
+    found = [json.loads(line) for line in scan.stdout.splitlines()]
+    assert sum(r["sku"] == "VAS-004" for r in found) >= 6, [r["sku"] for r in found]
+    assert found[0]["name"] == "Night Garden Vase" or found[0]["sku"] != "VAS-004"
+
+
+def test_enrol_refuses_a_bad_photo_and_changes_nothing(
+        trained_demo: TrainedDemo, unseen_products: Path, tmp_path: Path) -> None:
+    from device.catalog import Catalog
+
+    db = copy_catalog(trained_demo, tmp_path)
+    version = Catalog(db).version
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a photo")
+    good = next((unseen_products / "train" / "plates" / "PLT-004").glob("*.jpg"))
+    result = storyscan("enroll", "PLT-004", good, tmp_path / "broken.jpg", "--name", "Plate",
+                       "--category", "plates", "--bundle", trained_demo.bundle, "--catalog", db)
+    assert result.returncode == 1
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+    assert Catalog(db).version == version and Catalog(db).product("PLT-004") is None
+    result = storyscan("enroll", "PLT-004", good, "--bundle", trained_demo.bundle,
+                       "--catalog", db)
+    assert result.returncode == 1 and "give --name and --category" in result.stderr
