@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
+    p.add_argument("--section", default="accuracy",
+                   help="section of docs/BENCHMARKS.md to write (e.g. one per machine kind)")
     args = p.parse_args()
     if not (args.data / "train.txt").is_file():
         sys.exit(f"bench/accuracy.py: {args.data}: Grocery Store data not found (--data)")
@@ -77,7 +79,9 @@ def main() -> None:
         "load.\n\n"
         + format_markdown_table(rows, COLUMNS, formats)
     )
-    print(f"written to {write_section('accuracy', 'Accuracy on Grocery Store val', body)}")
+    title = "Accuracy on Grocery Store val" + (f" ({args.section})"
+                                               if args.section != "accuracy" else "")
+    print(f"written to {write_section(args.section, title, body)}")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu() -> str | None:
+    """The CUDA device torch would train on, if torch is installed and sees one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def machine() -> str:
     packages = []
     for name in ("torch", "onnxruntime", "opencv-python-headless", "numpy"):
         with contextlib.suppress(PackageNotFoundError):
             packages.append(f"{name} {version(name)}")
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}; " + ", ".join(packages))
+    accelerator = f", GPU {gpu()}" if gpu() else ""
+    return (f"{cpu_model()}, {os.cpu_count()} cores{accelerator}, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}; " + ", ".join(packages))
 
 
 def command() -> str:
