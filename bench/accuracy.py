@@ -27,7 +27,8 @@ COLUMNS = ["arch", "init", "size", "epochs", "train min", "precision", "fine top
            "fine top-5", "coarse top-1", "macro-F1", "INT8/FP32 agree", "model MB"]
 
 
-def run_one(spec: str, data: Path, out: Path, batch_size: int, lr: float) -> list[dict]:
+def run_one(spec: str, data: Path, out: Path, batch_size: int, lr: float
+            ) -> tuple[list[dict], dict]:
     arch, weights, size, epochs = spec.split(":")
     name = f"{arch}-{weights}-{size}-{epochs}"
     t0 = time.time()
@@ -48,7 +49,7 @@ def run_one(spec: str, data: Path, out: Path, batch_size: int, lr: float) -> lis
             "INT8/FP32 agree": m["int8_fp32_agreement"] if precision == "int8" else None,
             "model MB": bundle.model_path(precision).stat().st_size / 2**20,
         })
-    return rows
+    return rows, bundle.manifest["quantization"]
 
 
 def main() -> None:
@@ -65,16 +66,20 @@ def main() -> None:
     if not (args.data / "train.txt").is_file():
         sys.exit(f"bench/accuracy.py: {args.data}: Grocery Store data not found (--data)")
     runs = args.runs or ["efficientnet_lite0:imagenet:224:4", "resnet18:none:224:8"]
-    rows = [row for spec in runs for row in run_one(spec, args.data, args.out,
-                                                      args.batch_size, args.lr)]
+    rows, quantization = [], {}
+    for spec in runs:
+        run_rows, quantization = run_one(spec, args.data, args.out, args.batch_size, args.lr)
+        rows += run_rows
     formats = {"train min": ".1f", "model MB": ".1f", "fine top-1": ".1%", "fine top-5": ".1%",
                "coarse top-1": ".1%", "macro-F1": ".3f", "INT8/FP32 agree": ".1%"}
     print(format_table(rows, COLUMNS, formats))
+    q = quantization
     body = (
         f"Grocery Store data set: trained on `train` (2,640 photos), measured on all of `val` "
         f"(296 photos, 81 products, 43 categories). Batch {args.batch_size}, SGD lr "
-        f"{args.lr} (heads x10), cosine schedule; INT8 is ONNX Runtime static QDQ, "
-        "per-channel symmetric weights, calibrated on 256 training photos, heads kept FP32. "
+        f"{args.lr} (heads x10), cosine schedule; INT8 is ONNX Runtime static {q['format']}, "
+        f"{q['weights']} weights, {q['activations']} activations, {q['calibration']} "
+        f"calibration on {q['calibration_photos']} training photos, FP32: {q['fp32_layers']}. "
         "`train min` is wall-clock, photo checks included; on a shared machine it varies with "
         "load.\n\n"
         + format_markdown_table(rows, COLUMNS, formats)

@@ -166,3 +166,23 @@ def test_enrol_refuses_a_bad_photo_and_changes_nothing(
     result = storyscan("enroll", "PLT-004", good, "--bundle", trained_demo.bundle,
                        "--catalog", db)
     assert result.returncode == 1 and "give --name and --category" in result.stderr
+
+
+def test_export_can_keep_the_first_convolutions_in_fp32(trained_demo: TrainedDemo,
+                                                         tmp_path: Path) -> None:
+    import onnx
+
+    from models.bundle import load_bundle
+
+    result = storyscan("export", trained_demo.run / "best.pt", "--data", trained_demo.data,
+                       "--out", tmp_path / "b", "--calibration-photos", "48",
+                       "--fp32-convs", "3", "--force")
+    assert result.returncode == 0, result.stderr
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.manifest["quantization"]["fp32_layers"] == "first 3 convolutions and the heads"
+    graph = onnx.load(str(bundle.model_path("int8"))).graph
+    produced_by = {out: n.op_type for n in graph.node for out in n.output}
+    weight_from = [produced_by.get(n.input[1], "initializer") for n in graph.node
+                   if n.op_type == "Conv"]
+    assert weight_from[:3] == ["initializer"] * 3  # float weights: not quantised
+    assert set(weight_from[3:]) == {"DequantizeLinear"}

@@ -1,8 +1,9 @@
 """Export a trained checkpoint as a kiosk bundle: ONNX FP32 and calibrated ONNX INT8.
 
-INT8 is ONNX Runtime static quantisation in QDQ form with per-channel symmetric weights and
-symmetric activations, the form TensorRT's explicit-quantisation builder also accepts. Only the
-backbone is quantised; the small heads stay FP32 so embeddings keep their precision. The
+INT8 is ONNX Runtime static quantisation in QDQ form: per-channel symmetric int8 weights and
+uint8 activations, which ONNX Runtime's CPU kernels run fastest and most faithfully (see
+bench/int8_fidelity.py). Only the backbone is quantised; the small heads stay FP32 so
+embeddings keep their precision. The
 calibration photos are training photos passed through the shared `prepare`, exactly as the kiosk
 will see them. The INT8 model must agree with FP32 on the validation photos (top-1 product)
 at least `min_agreement` of the time, or no bundle is written.
@@ -52,6 +53,7 @@ class ExportConfig:
     version: str = "1"
     calibration_photos: int = 256
     calibration: str = "minmax"
+    fp32_convs: int = 0
     min_agreement: float = 0.99
     force: bool = False
 
@@ -78,25 +80,52 @@ class _Calibration(CalibrationDataReader):
         return None if x is None else {"image": x}
 
 
-def head_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes from the global pooling on: the heads, kept FP32 so embeddings stay precise."""
-    names = [n.name for n in model.graph.node]
-    pools = [i for i, n in enumerate(model.graph.node) if n.op_type == "GlobalAveragePool"]
+@dataclass(frozen=True)
+class QuantOptions:
+    """How the INT8 model is made; the defaults are what `storyscan export` ships."""
+
+    calibration: str = "minmax"  # minmax | percentile | entropy
+    # uint8 activations with a zero point: faster and closer to FP32 on ONNX Runtime's CPU
+    # kernels (bench/int8_fidelity.py); symmetric int8 is the form TensorRT needs
+    symmetric_activations: bool = False
+    per_channel: bool = True  # one weight scale per output channel
+    fp32_convs: int = 0  # leading convolutions kept in FP32 (where quantisation hurts most)
+
+    def describe(self) -> dict:
+        return {"format": "QDQ",
+                "weights": f"int8 {'per-channel' if self.per_channel else 'per-tensor'} symmetric",
+                "activations": "int8 symmetric" if self.symmetric_activations
+                else "uint8 asymmetric",
+                "calibration": self.calibration,
+                "fp32_layers": f"first {self.fp32_convs} convolutions and the heads"
+                if self.fp32_convs else "heads"}
+
+
+def fp32_nodes(model: onnx.ModelProto, leading_convs: int) -> list[str]:
+    """Nodes kept in FP32: the first `leading_convs` convolutions, and everything from the
+    global pooling on (the heads), so embeddings stay precise."""
+    nodes = model.graph.node
+    pools = [i for i, n in enumerate(nodes) if n.op_type == "GlobalAveragePool"]
     if not pools:
         raise ExportError("exported network has no GlobalAveragePool: cannot find its heads")
-    return names[pools[0]:]
+    convs = [n.name for n in nodes if n.op_type == "Conv"][:leading_convs]
+    return convs + [n.name for n in nodes[pools[0]:]]
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray], method: str) -> None:
+def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray],
+                  options: QuantOptions) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), _Calibration(calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=head_nodes(onnx.load(str(pre))),
-                        calibrate_method=CALIBRATION_METHODS[method],
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+                        activation_type=QuantType.QInt8 if options.symmetric_activations
+                        else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=fp32_nodes(onnx.load(str(pre)), options.fp32_convs),
+                        calibrate_method=CALIBRATION_METHODS[options.calibration],
+                        extra_options={"ActivationSymmetric": options.symmetric_activations,
+                                       "WeightSymmetric": True})
 
 
 def calibration_subset(split: Split, count: int, num_classes: int) -> Split:
@@ -137,7 +166,8 @@ def export(cfg: ExportConfig) -> Bundle:
         print(f"exporting ONNX FP32 (opset {OPSET})")
         export_onnx(model, spec, fp32)
         print(f"calibrating INT8 on {len(calib)} training photos ({cfg.calibration})")
-        quantize_int8(fp32, int8, calib.images, cfg.calibration)
+        options = QuantOptions(calibration=cfg.calibration, fp32_convs=cfg.fp32_convs)
+        quantize_int8(fp32, int8, calib.images, options)
         np.save(protos, model.prototypes().detach().numpy().astype(np.float32))
 
         print(f"checking INT8 against FP32 on {len(val)} validation photos")
@@ -173,9 +203,7 @@ def export(cfg: ExportConfig) -> Bundle:
                            "of_fine": labels["coarse_of_fine"]},
             },
             "models": {"fp32": fp32.name, "int8": int8.name},
-            "quantization": {"format": "QDQ", "weights": "int8 per-channel symmetric",
-                             "activations": "int8 symmetric", "calibration": cfg.calibration,
-                             "calibration_photos": len(calib), "fp32_layers": "heads"},
+            "quantization": {**options.describe(), "calibration_photos": len(calib)},
             "metrics": metrics,
             "training": {"epochs": ckpt["epoch"], "data": str(cfg.data)},
         }

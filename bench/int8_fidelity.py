@@ -1,0 +1,119 @@
+"""INT8 fidelity: how each quantisation choice changes agreement with FP32 and accuracy.
+
+    python bench/int8_fidelity.py --checkpoint runs/bench-accuracy/<run>/best.pt \
+        --data ../shared/data/grocery
+
+One trained checkpoint, exported once to FP32 ONNX; then one INT8 model per variant (calibration
+method, calibration set size, activation type, per-channel or per-tensor weights, how many
+leading convolutions stay FP32), each checked on every val photo against FP32: top-1
+agreement, mean embedding cosine, accuracy and its drop, and batch-1 CPU time as a ratio to FP32.
+The first row is what `storyscan export` does by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_section
+from device.engines import infer_all
+from device.engines.ort import OrtEngine
+from models.preprocess import InputSpec, prepare
+from models.tables import format_markdown_table, format_table
+from trainer.export import QuantOptions, calibration_subset, export_onnx, quantize_int8
+from trainer.ingest import IngestReport, load_split, read_layout
+from trainer.train import load_checkpoint
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
+COLUMNS = ["variant", "calib photos", "agreement", "embedding cos", "top-1", "drop pp",
+           "time vs FP32"]
+DEFAULT = QuantOptions()
+VARIANTS: list[tuple[str, QuantOptions, int]] = [
+    ("default (minmax, uint8 act., per-channel)", DEFAULT, 256),
+    ("percentile calibration", replace(DEFAULT, calibration="percentile"), 256),
+    ("entropy calibration", replace(DEFAULT, calibration="entropy"), 256),
+    ("64 calibration photos", DEFAULT, 64),
+    ("1024 calibration photos", DEFAULT, 1024),
+    ("int8 symmetric activations", replace(DEFAULT, symmetric_activations=True), 256),
+    ("per-tensor weights", replace(DEFAULT, per_channel=False), 256),
+    ("first 4 convs FP32", replace(DEFAULT, fp32_convs=4), 256),
+    ("first 10 convs FP32", replace(DEFAULT, fp32_convs=10), 256),
+    ("first 20 convs FP32", replace(DEFAULT, fp32_convs=20), 256),
+]
+
+
+def time_ratio(engine: OrtEngine, reference: OrtEngine, inputs: list[np.ndarray],
+               n: int = 60) -> float:
+    """Median batch-1 time of `engine` over that of `reference`, timed alternately photo by
+    photo, so machine noise hits both alike."""
+    engine.infer(inputs[0][None])
+    reference.infer(inputs[0][None])
+    mine, theirs = [], []
+    for x in inputs[:n]:
+        for e, acc in ((engine, mine), (reference, theirs)):
+            t0 = time.perf_counter()
+            e.infer(x[None])
+            acc.append(time.perf_counter() - t0)
+    return float(np.median(mine) / np.median(theirs))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = p.parse_args()
+    model, ckpt = load_checkpoint(args.checkpoint)
+    spec = InputSpec.from_dict(ckpt["input"])
+    labels, train, val = read_layout(args.data)
+    to_input = lambda img: prepare(img, spec)  # noqa: E731
+    val = load_split(val, to_input, IngestReport(), {}, "validation photos")
+    y = np.array(val.fine)
+    pools = {n: load_split(calibration_subset(train, n, len(labels.fine)), to_input,
+                           IngestReport(), {}, f"{n} calibration photos")
+             for n in sorted({n for _, _, n in VARIANTS})}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(model, spec, fp32)
+        reference = OrtEngine(fp32, "fp32")
+        ref = infer_all(reference, val.images)
+        ref_top1 = float(np.mean(ref["fine"].argmax(1) == y))
+        rows = [{"variant": "FP32 reference", "calib photos": None, "agreement": None,
+                 "embedding cos": None, "top-1": ref_top1, "drop pp": None,
+                 "time vs FP32": 1.0}]
+        for name, options, count in VARIANTS:
+            int8 = Path(tmp) / "int8.onnx"
+            quantize_int8(fp32, int8, pools[count].images, options)
+            engine = OrtEngine(int8, "int8")
+            out = infer_all(engine, val.images)
+            top1 = float(np.mean(out["fine"].argmax(1) == y))
+            rows.append({
+                "variant": name, "calib photos": len(pools[count]),
+                "agreement": float(np.mean(out["fine"].argmax(1) == ref["fine"].argmax(1))),
+                "embedding cos": float(np.mean(np.sum(out["embedding"] * ref["embedding"], 1))),
+                "top-1": top1, "drop pp": (ref_top1 - top1) * 100,
+                "time vs FP32": time_ratio(engine, reference, val.images)})
+            print(format_table(rows[-1:], COLUMNS), flush=True)
+
+    formats = {"agreement": ".1%", "embedding cos": ".4f", "top-1": ".1%", "drop pp": "+.1f",
+               "time vs FP32": ".2f"}
+    print(format_table(rows, COLUMNS, formats))
+    arch, size = ckpt["config"]["arch"], spec.size
+    body = (f"{arch} at {size} px trained by `storyscan train` for {ckpt['epoch']} epochs "
+            f"(`{args.checkpoint}`), every val photo ({len(val)}). Agreement is INT8-vs-FP32 "
+            "top-1 product; `time vs FP32` is the median batch-1 ONNX Runtime CPU time over "
+            "that of FP32, the two timed alternately on 60 photos.\n\n"
+            + format_markdown_table(rows, COLUMNS, formats))
+    print(f"written to {write_section('int8-fidelity', 'INT8 fidelity', body)}")
+
+
+if __name__ == "__main__":
+    main()
