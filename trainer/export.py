@@ -3,10 +3,10 @@
 INT8 is ONNX Runtime static quantisation in QDQ form: per-channel symmetric int8 weights and
 uint8 activations, which ONNX Runtime's CPU kernels run fastest and most faithfully (see
 bench/int8_fidelity.py). Only the backbone is quantised; the small heads stay FP32 so
-embeddings keep their precision. The
-calibration photos are training photos passed through the shared `prepare`, exactly as the kiosk
-will see them. The INT8 model must agree with FP32 on the validation photos (top-1 product)
-at least `min_agreement` of the time, or no bundle is written.
+embeddings keep their precision. The calibration photos are training photos passed through the
+shared `prepare`, exactly as the kiosk will see them. The INT8 model must agree with FP32 on
+the validation photos (top-1 product) at least `min_agreement` of the time, or no bundle is
+written.
 """
 
 from __future__ import annotations
