@@ -4,6 +4,8 @@ One SQLite file (WAL, so the kiosk reads while an import writes) plus a media fo
 holding the catalog's own copies of reference photos, so a catalog survives its source USB
 stick or download folder. Reference embeddings are stored per model (the bundle's key): a new
 model recomputes them, and switching back to an older model finds its own still there.
+Products may carry attribute labels (colour, pattern, ...), stored as a JSON list; a catalog
+written before they existed gains the column when opened (schema version 2).
 
     >>> cat = Catalog("catalog.db")
     >>> cat.upsert([Product("PLT-001", "Cobalt Willow Plate", "plates", 24.5,
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: products.attributes
 SKU_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a safe folder name
 
 
@@ -41,6 +43,7 @@ class Product:
     currency: str = "EUR"
     stories: dict[str, str] = field(default_factory=dict)  # language code -> story text
     images: list[str] = field(default_factory=list)  # reference photos (paths)
+    attributes: list[str] = field(default_factory=list)  # labels such as "cobalt", "floral"
 
     def story(self, lang: str = "en") -> str:
         """The story in `lang`, else English, else any language there is."""
@@ -67,7 +70,7 @@ class Catalog:
             db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
             db["products"].create(
                 {"sku": str, "name": str, "category": str, "price": float, "currency": str,
-                 "images": str, "updated": str},
+                 "images": str, "attributes": str, "updated": str},
                 pk="sku", not_null={"name", "category"}, if_not_exists=True)
             db["stories"].create(
                 {"sku": str, "lang": str, "text": str}, pk=("sku", "lang"),
@@ -78,6 +81,10 @@ class Catalog:
                 foreign_keys=[("sku", "products", "sku")], if_not_exists=True)
             db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
                               ignore=True)
+            if "attributes" not in db["products"].columns_dict:  # a version 1 catalog
+                db["products"].add_column("attributes", str)
+                db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                                  pk="key")
             db["meta"].insert({"key": "version", "value": "0"}, ignore=True)
 
     # --- reading -------------------------------------------------------------------------------
@@ -95,7 +102,8 @@ class Catalog:
                    self.db["stories"].rows_where("sku = ?", [row["sku"]])}
         return Product(row["sku"], row["name"], row["category"], row["price"],
                        row["currency"] or "EUR", stories,
-                       [str(self.media / p) for p in json.loads(row["images"] or "[]")])
+                       [str(self.media / p) for p in json.loads(row["images"] or "[]")],
+                       json.loads(row["attributes"] or "[]"))
 
     def product(self, sku: str) -> Product | None:
         rows = list(self.db["products"].rows_where("sku = ?", [sku]))
@@ -128,7 +136,9 @@ class Catalog:
                 self.db["stories"].delete_where("sku = ?", [p.sku])
                 self.db["products"].upsert(
                     {"sku": p.sku, "name": p.name, "category": p.category, "price": p.price,
-                     "currency": p.currency, "images": json.dumps(images), "updated": now()},
+                     "currency": p.currency, "images": json.dumps(images),
+                     "attributes": json.dumps(p.attributes, ensure_ascii=False),
+                     "updated": now()},
                     pk="sku")
                 self.db["stories"].insert_all(
                     [{"sku": p.sku, "lang": lang, "text": text}

@@ -45,6 +45,13 @@ def add_catalog_arg(p: argparse.ArgumentParser) -> None:
 # --- storyscan scan ----------------------------------------------------------------------------
 
 
+def whole_number(text: str) -> int:
+    """An argparse type: a whole number, 0 or more (0 switches the option off)."""
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
+    return int(text)
+
+
 def expand_photos(items: list[str]) -> list[Path]:
     """Files as given; folders searched recursively for images."""
     photos = []
@@ -66,12 +73,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from device.pipeline import Pipeline
 
     pipeline = Pipeline.open(args.bundle, args.catalog, args.precision, args.engine,
-                             args.threads, progress=not args.json)
+                             args.threads, progress=not args.json, threshold=args.threshold,
+                             top_coarse=args.top_coarse, hash_candidates=args.hash_candidates)
     if not len(pipeline.matcher):
         raise CatalogError(f"{args.catalog}: no products to match against "
                            "(run 'storyscan catalog import' first)")
     photos = expand_photos(args.photos)
-    rows, failed, correct, latencies, stages = [], 0, 0, [], []
+    rows, failed, correct, unknown, latencies, stages = [], 0, 0, 0, [], []
     for path in photos:
         try:
             r = pipeline.scan_file(path)
@@ -85,21 +93,25 @@ def cmd_scan(args: argparse.Namespace) -> int:
         stages.append(r.timings_ms)
         truth = path.parent.name if args.labels_from_folders else None
         correct += truth == r.sku
+        unknown += r.unknown
         if args.json:
             print(json.dumps({**r.to_dict(), "total_ms": total}
                              | ({"expected": truth} if truth else {}), ensure_ascii=False))
             continue
         rows.append({
-            "photo": path.name, "product": r.name, "sku": r.sku,
-            "conf": r.confidence,
+            "photo": path.name, "product": "UNKNOWN" if r.unknown else r.name,
+            "sku": r.sku, "conf": None if r.unknown else r.confidence, "sim": r.similarity,
             **({"ok": "yes" if truth == r.sku else f"no ({truth})"} if truth else {}),
             "alternatives": ", ".join(f"{m.sku} {m.confidence:.2f}" for m in r.alternatives[:5]),
+            **({"attributes": first_line(", ".join(r.attributes), 30)}
+               if pipeline.bundle.attribute_labels else {}),
             "story": first_line(r.story, 50),
             **{f"{k} ms": v for k, v in r.timings_ms.items()}, "total ms": total})
     if rows and not args.summary:
-        print(format_table(rows, list(rows[0]), {"conf": ".2f", "decode ms": ".1f",
-                                                 "preprocess ms": ".1f", "inference ms": ".1f",
-                                                 "match ms": ".2f", "total ms": ".1f"}))
+        print(format_table(rows, list(rows[0]), {"conf": ".2f", "sim": ".2f",
+                                                 "decode ms": ".1f", "preprocess ms": ".1f",
+                                                 "inference ms": ".1f", "match ms": ".2f",
+                                                 "total ms": ".1f"}))
     if not args.json and latencies:
         lat = np.array(latencies)
         summary = (f"{len(latencies)} photos scanned with {pipeline.bundle.key} "
@@ -107,6 +119,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
                    f"{np.percentile(lat, 50):.1f} ms, p95 {np.percentile(lat, 95):.1f} ms (p50 "
                    + ", ".join(f"{k} {np.median([t[k] for t in stages]):.1f}" for k in stages[0])
                    + ")")
+        if pipeline.threshold is not None:
+            summary += (f"; {unknown} unknown (best similarity below "
+                        f"{pipeline.threshold:.3f})")
         if args.labels_from_folders:
             summary += f"; accuracy {correct}/{len(latencies)} = {correct / len(latencies):.1%}"
         print(summary)
@@ -184,6 +199,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels-from-folders", action="store_true",
                    help="each photo's folder name is its true SKU: report accuracy")
     p.add_argument("--summary", action="store_true", help="print only the summary line")
+    p.add_argument("--threshold", type=float,
+                   help="best similarity below which a photo is unknown (default: the bundle's "
+                        "calibrated threshold; 0 turns the unknown check off)")
+    p.add_argument("--top-coarse", type=whole_number, default=0, metavar="N",
+                   help="search only products of the model's N likeliest categories "
+                        "(default 0: all products)")
+    p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N",
+                   help="shortlist N reference embeddings by binary hash before exact "
+                        "matching, for very large catalogs (default 0: exact search)")
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("enroll", help="make a product recognisable from a few photos, now")

@@ -1,8 +1,8 @@
 """Reading product lists into `Product`s: a folder, a CSV, or the Grocery Store `classes.csv`.
 
 Folder: `root/<category>/<sku>/` (or `root/<sku>/`) holding reference photos and optionally
-`product.json` ({"sku", "name", "category", "price", "currency", "story": {"en": ...}}) or
-`story.txt` / `story.<lang>.txt`.
+`product.json` ({"sku", "name", "category", "price", "currency", "story": {"en": ...},
+"images": [...], "attributes": ["cobalt", "floral"]}) or `story.txt` / `story.<lang>.txt`.
 
 CSV: header `sku,name,category,price,currency,story,images` where `images` lists photo paths
 (relative to the CSV) separated by `;`, and extra `story_<lang>` columns add languages.
@@ -55,6 +55,9 @@ def _product_from_folder(folder: Path, category: str) -> Product:
         lang = f.stem.split(".", 1)[1] if "." in f.stem else "en"
         stories.setdefault(lang, f.read_text(encoding="utf-8").strip())
     images = [str(folder / i) for i in meta["images"]] if meta.get("images") else _images(folder)
+    attributes = meta.get("attributes", [])
+    if not isinstance(attributes, list) or not all(isinstance(a, str) for a in attributes):
+        raise CatalogError(f"{folder / 'product.json'}: 'attributes' must be a list of strings")
     price = meta.get("price")
     try:
         price = float(price) if price is not None else None
@@ -64,7 +67,8 @@ def _product_from_folder(folder: Path, category: str) -> Product:
                    name=str(meta.get("name", folder.name.replace("-", " ").replace("_", " "))),
                    category=str(meta.get("category", category)),
                    price=price,
-                   currency=str(meta.get("currency", "EUR")), stories=stories, images=images)
+                   currency=str(meta.get("currency", "EUR")), stories=stories, images=images,
+                   attributes=attributes)
 
 
 def read_folder(root: Path) -> list[Product]:

@@ -3,6 +3,15 @@
 The pipeline binds one verified bundle, its engine and the catalog. Opening it makes sure every
 reference photo in the catalog has an embedding under this bundle (a new model recomputes
 them), then builds the in-memory matcher.
+
+Open set: a scan whose best similarity is below the unknown threshold (the bundle's, calibrated
+at export to keep 95% of correctly recognised validation photos, or the caller's) comes back
+unknown, with no product but its best guesses, rather than naming the nearest product in a shop
+that does not sell it. Hierarchy and hashing (see device/matcher.py) are the caller's choice.
+
+A bundle with an attribute head also says what the photo shows (e.g. "cobalt", "floral"): every
+attribute whose probability is above the bundle's threshold, read from the photo itself, so an
+unknown scan has them too.
 """
 
 from __future__ import annotations
@@ -17,19 +26,21 @@ from tqdm import tqdm
 from device.catalog import Catalog
 from device.engines import Engine, open_engine
 from device.matcher import Match, Matcher
-from models.bundle import Bundle, load_bundle
+from models.bundle import ATTRIBUTES, Bundle, load_bundle, logit
 from models.preprocess import ImageError, load_image, prepare
 
 
 @dataclass
 class ScanResult:
     source: str
-    sku: str | None  # None: nothing in the catalog to match against
+    sku: str | None  # None: unknown, or nothing in the catalog to match against
     name: str
-    confidence: float
-    similarity: float
+    confidence: float  # 0 for an unknown scan
+    similarity: float  # best similarity found, also for an unknown scan
     story: str
-    alternatives: list[Match]
+    alternatives: list[Match]  # runners-up; for an unknown scan every best guess, best first
+    unknown: bool  # no product is similar enough: the best similarity is below the threshold
+    attributes: list[str] = field(default_factory=list)  # seen in the photo; [] without the head
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -37,18 +48,30 @@ class ScanResult:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, engine: Engine, catalog: Catalog,
-                 progress: bool = False) -> None:
+    def __init__(self, bundle: Bundle, engine: Engine, catalog: Catalog, progress: bool = False,
+                 threshold: float | None = None, top_coarse: int = 0,
+                 hash_candidates: int = 0) -> None:
+        """`threshold`: None uses the bundle's calibrated one (no unknown check if it has none),
+        0 or less turns the check off; `top_coarse`, `hash_candidates`: see Matcher.match and
+        Matcher (0: search every product exactly)."""
         self.bundle, self.engine, self.catalog = bundle, engine, catalog
         self.spec = bundle.input_spec
+        if threshold is None:
+            threshold = bundle.unknown_threshold
+        self.threshold = threshold if threshold is not None and threshold > 0 else None
+        self.top_coarse = top_coarse
+        self.attribute_logit = logit(bundle.attribute_threshold)
         self.update_embeddings(progress)
-        self.matcher = self._build_matcher()
+        self.matcher = self._build_matcher(hash_candidates)
 
     @classmethod
     def open(cls, bundle: str | Path, catalog: str | Path, precision: str = "int8",
-             backend: str = "auto", threads: int = 0, progress: bool = False) -> Pipeline:
+             backend: str = "auto", threads: int = 0, progress: bool = False,
+             threshold: float | None = None, top_coarse: int = 0,
+             hash_candidates: int = 0) -> Pipeline:
         b = load_bundle(bundle)
-        return cls(b, open_engine(b, backend, precision, threads), Catalog(catalog), progress)
+        return cls(b, open_engine(b, backend, precision, threads), Catalog(catalog), progress,
+                   threshold, top_coarse, hash_candidates)
 
     def embed(self, images: list[np.ndarray], batch: int = 16) -> np.ndarray:
         """Embeddings of decoded RGB photos ([N, dim])."""
@@ -71,7 +94,17 @@ class Pipeline:
         self.catalog.put_embeddings(self.bundle.key, rows)
         return len(rows)
 
-    def _build_matcher(self) -> Matcher:
+    def _categories(self) -> dict[str, int]:
+        """Each catalog product's index among the model's categories: a trained product's from
+        the bundle, an enrolled one's by its catalog category's name (case aside); a category
+        the model does not know is left out (such a product is always searched)."""
+        coarse = {name.casefold(): i for i, name in enumerate(self.bundle.coarse_labels)}
+        categories = {p.sku: coarse[p.category.casefold()] for p in self.catalog.products()
+                      if p.category.casefold() in coarse}
+        return categories | dict(zip(self.bundle.fine_labels, self.bundle.coarse_of_fine,
+                                     strict=True))
+
+    def _build_matcher(self, hash_candidates: int) -> Matcher:
         """Catalog products only (no story, no match): their photos plus trained prototypes."""
         skus, vectors = self.catalog.embeddings(self.bundle.key)
         in_catalog = set(self.catalog.skus())
@@ -82,26 +115,43 @@ class Pipeline:
         dim = self.bundle.embedding_dim
         all_vectors = np.concatenate([vectors.reshape(-1, dim),
                                       np.array([v for _, v in trained]).reshape(-1, dim)])
-        return Matcher(all_skus, all_vectors, self.bundle.scale)
+        return Matcher(all_skus, all_vectors, self.bundle.scale, self._categories(),
+                       hash_candidates)
 
     def recognize(self, image: np.ndarray, source: str = "camera") -> ScanResult:
         """Recognise one decoded RGB photo; timings per stage in milliseconds."""
         t0 = time.perf_counter()
         x = prepare(image, self.spec)[None]
         t1 = time.perf_counter()
-        embedding = self.engine.infer(x)["embedding"][0]
+        out = self.engine.infer(x)
         t2 = time.perf_counter()
-        matches = self.matcher.match(embedding, k=6)
+        matches = self.matcher.match(out["embedding"][0], k=6, coarse_logits=out["coarse"][0],
+                                     top_coarse=self.top_coarse)
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                    "match": (t3 - t2) * 1e3}
-        if not matches:
-            return ScanResult(source, None, "", 0.0, 0.0, "", [], timings)
+        attributes = self._attributes(out)
+        if not matches:  # an empty catalog, or none of it in the likeliest categories
+            return ScanResult(source, None, "", 0.0, 0.0, "", [], len(self.matcher) > 0,
+                              attributes, timings)
         best = matches[0]
+        if self.threshold is not None and best.similarity < self.threshold:
+            return ScanResult(source, None, "", 0.0, best.similarity, "", matches, True,
+                              attributes, timings)
         product = self.catalog.product(best.sku)
         return ScanResult(source, best.sku, product.name if product else best.sku,
                           best.confidence, best.similarity,
-                          product.story() if product else "", matches[1:], timings)
+                          product.story() if product else "", matches[1:], False, attributes,
+                          timings)
+
+    def _attributes(self, out: dict[str, np.ndarray]) -> list[str]:
+        """Names of the attributes above the bundle's threshold for the first photo of `out`
+        (none for a bundle without the attribute head)."""
+        labels = self.bundle.attribute_labels
+        if not labels:
+            return []
+        return [name for name, z in zip(labels, out[ATTRIBUTES][0], strict=True)
+                if z > self.attribute_logit]
 
     def scan_file(self, path: str | Path) -> ScanResult:
         """Decode and recognise a photo file; raises ImageError for a bad file."""

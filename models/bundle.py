@@ -2,7 +2,9 @@
 
 A bundle is a directory holding `manifest.json` and the files it lists (ONNX models, class
 prototypes). The manifest says everything the kiosk needs to use the model the way it was
-trained: input spec, heads and labels, and the validation metrics of each precision. Loading
+trained: input spec, heads and labels, the similarity below which a scan is unknown (calibrated
+at export; absent from older bundles), the optional multi-label attribute head (only when the
+catalog had attribute labels) and the validation metrics of each precision. Loading
 checks the schema and every file's size and sha256, and refuses with one `BundleError` line.
 No torch here: the kiosk loads bundles.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +29,13 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("int8", "fp32")
 OUTPUTS = ("embedding", "fine", "coarse")  # the network's named outputs, in this order
+ATTRIBUTES = "attributes"  # optional fourth output: multi-label attribute logits
+
+
+def logit(p: float) -> float:
+    """The logit whose sigmoid is `p`: a logit above it is a probability above `p`, so heads
+    that output logits need no sigmoid to be thresholded."""
+    return math.log(p / (1 - p))
 
 
 class BundleError(ValueError):
@@ -68,6 +78,12 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "files": dict,
     "metrics": dict,
 }
+# Written by newer exports; older bundles lack them and still load (no unknown check).
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "heads.fine.unknown_threshold": (int, float),  # cosine similarity, in [-1, 1]
+    "heads.fine.unknown_tar": (int, float),  # share of known val photos it accepts, in (0, 1]
+    "heads.attributes": (dict,),  # only when trained with attribute labels
+}
 
 
 def _get(manifest: dict, dotted: str) -> object:
@@ -77,6 +93,21 @@ def _get(manifest: dict, dotted: str) -> object:
             raise KeyError(dotted)
         value = value[part]
     return value
+
+
+def _attributes_problem(head: dict) -> str | None:
+    """What is wrong with an attribute head: once there, all of it must be right."""
+    labels, threshold = head.get("labels"), head.get("threshold")
+    if head.get("output") != ATTRIBUTES:
+        return f"manifest.json 'heads.attributes.output' must be {ATTRIBUTES!r}"
+    if (not isinstance(labels, list) or not labels
+            or not all(isinstance(x, str) and x for x in labels)
+            or len(set(labels)) != len(labels)):
+        return "manifest.json 'heads.attributes.labels' must be a non-empty list of unique strings"
+    if (not isinstance(threshold, int | float) or isinstance(threshold, bool)
+            or not 0 < threshold < 1):
+        return "manifest.json 'heads.attributes.threshold' must be a probability in (0, 1)"
+    return None
 
 
 def manifest_problem(m: object) -> str | None:
@@ -94,6 +125,19 @@ def manifest_problem(m: object) -> str | None:
             return f"manifest.json lacks field '{field}'"
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"manifest.json field '{field}' has the wrong type"
+    for field, kind in _OPTIONAL_FIELDS.items():
+        try:
+            value = _get(m, field)
+        except KeyError:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"manifest.json field '{field}' has the wrong type"
+    threshold = m["heads"]["fine"].get("unknown_threshold", 0)
+    if not -1 <= threshold <= 1:
+        return "manifest.json 'heads.fine.unknown_threshold' must lie in [-1, 1]"
+    attributes = m["heads"].get("attributes")
+    if attributes is not None and (problem := _attributes_problem(attributes)):
+        return problem
     try:
         InputSpec.from_dict(m["input"])
     except (KeyError, TypeError, ValueError) as e:
@@ -175,6 +219,23 @@ class Bundle:
     def scale(self) -> float:
         """Cosine-softmax temperature of the fine head: turns similarity into confidence."""
         return float(self.manifest["heads"]["fine"]["scale"])
+
+    @property
+    def unknown_threshold(self) -> float | None:
+        """Best similarity below which a scan is unknown (calibrated at export on validation
+        photos); None for bundles exported before open-set recognition."""
+        value = self.manifest["heads"]["fine"].get("unknown_threshold")
+        return None if value is None else float(value)
+
+    @property
+    def attribute_labels(self) -> list[str]:
+        """Names of the attribute head's outputs; empty for a bundle without that head."""
+        return self.manifest["heads"].get("attributes", {}).get("labels", [])
+
+    @property
+    def attribute_threshold(self) -> float:
+        """Probability above which an attribute is reported (0.5: a logit above 0)."""
+        return float(self.manifest["heads"].get("attributes", {}).get("threshold", 0.5))
 
     @property
     def precisions(self) -> list[str]:

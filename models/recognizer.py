@@ -1,10 +1,13 @@
-"""The recognition network: an ImageNet backbone with three heads.
+"""The recognition network: an ImageNet backbone with three heads, and an optional fourth.
 
 - embedding: L2-normalised vector (default 256-d); products are recognised by the nearest
   reference embedding, so a product enrolled from a few photos needs no retraining;
 - fine: product logits of a cosine classifier (normalised softmax), whose class weights are
   themselves unit embeddings: the bundle ships them as one prototype per trained product;
-- coarse: category logits from the backbone features.
+- coarse: category logits from the backbone features;
+- attributes (only when built with `num_attributes` > 0, i.e. the catalog has attribute labels
+  such as colour or pattern): independent multi-label logits from the backbone features, so a
+  photo can carry several attributes or none.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import efficientnet_lite, resnet
+from models.bundle import ATTRIBUTES, OUTPUTS
 from models.preprocess import InputSpec
 from models.weights import WeightsError, load_weights_file
 
@@ -55,7 +59,8 @@ BN_MOMENTUM = 0.1  # fine-tuning runs few steps: running statistics must follow 
 
 class Recognizer(nn.Module):
     def __init__(self, backbone: nn.Module, num_fine: int, num_coarse: int,
-                 embed_dim: int = 256, scale: float = 16.0, dropout: float = 0.2) -> None:
+                 embed_dim: int = 256, scale: float = 16.0, dropout: float = 0.2,
+                 num_attributes: int = 0) -> None:
         super().__init__()
         for m in backbone.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -67,20 +72,36 @@ class Recognizer(nn.Module):
                                   nn.BatchNorm1d(embed_dim))
         self.fine = nn.Parameter(torch.randn(num_fine, embed_dim) * 0.01)
         self.coarse = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_coarse))
+        # built last and only when asked, so a model without it initialises exactly as before
+        self.attributes = (nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_attributes))
+                           if num_attributes else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        f = self.backbone.forward_features(x)
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of what forward returns, in order: the bundle's outputs."""
+        return OUTPUTS + ((ATTRIBUTES,) if self.attributes is not None else ())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.heads(self.backbone.forward_features(x))
+
+    def heads(self, f: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(embedding, fine, coarse[, attributes]) from pooled backbone features."""
         embedding = F.normalize(self.neck(f), dim=1)
         fine = self.scale * embedding @ self.prototypes().t()
-        return embedding, fine, self.coarse(f)
+        if self.attributes is None:
+            return embedding, fine, self.coarse(f)
+        return embedding, fine, self.coarse(f), self.attributes(f)
 
     def prototypes(self) -> torch.Tensor:
         return F.normalize(self.fine, dim=1)
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return [*self.neck.parameters(), self.fine, *self.coarse.parameters()]
+        extra = [*self.attributes.parameters()] if self.attributes is not None else []
+        return [*self.neck.parameters(), self.fine, *self.coarse.parameters(), *extra]
 
 
 def build_recognizer(arch: str, num_fine: int, num_coarse: int, weights: str = "imagenet",
-                     embed_dim: int = 256, scale: float = 16.0) -> Recognizer:
-    return Recognizer(build_backbone(arch, weights), num_fine, num_coarse, embed_dim, scale)
+                     embed_dim: int = 256, scale: float = 16.0,
+                     num_attributes: int = 0) -> Recognizer:
+    return Recognizer(build_backbone(arch, weights), num_fine, num_coarse, embed_dim, scale,
+                      num_attributes=num_attributes)

@@ -152,6 +152,71 @@ def test_key_is_stable_across_loads_and_changes_with_the_manifest(tmp_path: Path
     assert changed.key.startswith("t@1#")
 
 
+def test_unknown_threshold_is_read_when_exported_and_absent_from_older_bundles(
+    tmp_path: Path,
+) -> None:
+    assert make_bundle(tmp_path).unknown_threshold is None
+    m = manifest()
+    m["heads"]["fine"] |= {"unknown_threshold": 0.62, "unknown_tar": 0.95}
+    b = write_bundle(tmp_path / "calibrated", m, sources(tmp_path))
+    assert load_bundle(b.path).unknown_threshold == 0.62
+
+
+@pytest.mark.parametrize(("field", "value", "phrase"), [
+    ("heads.fine.unknown_threshold", "0.6", "has the wrong type"),
+    ("heads.fine.unknown_threshold", True, "has the wrong type"),
+    ("heads.fine.unknown_tar", None, "has the wrong type"),
+    ("heads.fine.unknown_threshold", 1.5, "must lie in [-1, 1]"),
+])
+def test_malformed_unknown_threshold_is_refused(
+    tmp_path: Path, field: str, value: object, phrase: str,
+) -> None:
+    b = make_bundle(tmp_path)
+    edit_manifest(b.path, set_field(field, value))
+    assert_refused(b.path, phrase)
+
+
+ATTRIBUTE_HEAD = {"output": "attributes", "labels": ["cobalt", "floral"], "threshold": 0.5}
+
+
+def test_attribute_head_is_read_when_exported_and_absent_from_bundles_without_it(
+    tmp_path: Path,
+) -> None:
+    plain = make_bundle(tmp_path)
+    assert plain.attribute_labels == []
+    m = manifest()
+    m["heads"]["attributes"] = dict(ATTRIBUTE_HEAD)
+    b = load_bundle(write_bundle(tmp_path / "attributes", m, sources(tmp_path)).path)
+    assert (b.attribute_labels, b.attribute_threshold) == (["cobalt", "floral"], 0.5)
+
+
+@pytest.mark.parametrize(("field", "value", "phrase"), [
+    ("heads.attributes", ["cobalt"], "'heads.attributes' has the wrong type"),
+    ("heads.attributes.output", "fine", "'heads.attributes.output' must be 'attributes'"),
+    ("heads.attributes.labels", [], "non-empty list of unique strings"),
+    ("heads.attributes.labels", ["a", "a"], "non-empty list of unique strings"),
+    ("heads.attributes.labels", ["a", 3], "non-empty list of unique strings"),
+    ("heads.attributes.threshold", 1.0, "must be a probability in (0, 1)"),
+    ("heads.attributes.threshold", "0.5", "must be a probability in (0, 1)"),
+])
+def test_malformed_attribute_head_is_refused(
+    tmp_path: Path, field: str, value: object, phrase: str,
+) -> None:
+    m = manifest()
+    m["heads"]["attributes"] = dict(ATTRIBUTE_HEAD)
+    b = write_bundle(tmp_path / "b", m, sources(tmp_path))
+    edit_manifest(b.path, set_field(field, value))
+    assert_refused(b.path, phrase)
+
+
+def test_attribute_head_without_its_labels_is_refused(tmp_path: Path) -> None:
+    m = manifest()
+    m["heads"]["attributes"] = dict(ATTRIBUTE_HEAD)
+    b = write_bundle(tmp_path / "b", m, sources(tmp_path))
+    edit_manifest(b.path, remove("heads.attributes.labels"))
+    assert_refused(b.path, "'heads.attributes.labels' must be")
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 

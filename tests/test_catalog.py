@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import sqlite_utils
 
 from device.catalog import Catalog, CatalogError, Product
 from device.importers import read_products
@@ -174,6 +175,27 @@ def test_everything_survives_closing_and_reopening_the_file(tmp_path: Path) -> N
     assert reopened.missing_embeddings("m1") == []
 
 
+def test_attributes_are_stored_and_a_catalog_from_before_them_gains_the_column(
+        tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.db")
+    cat.upsert([plate(tmp_path, attributes=["cobalt", "floral"]), mug(tmp_path)])
+    assert cat.product("PLT-001").attributes == ["cobalt", "floral"]
+    assert cat.product("MUG-007").attributes == []
+
+    old = sqlite_utils.Database(tmp_path / "v1.db")  # the schema before attributes
+    old["products"].create({"sku": str, "name": str, "category": str, "price": float,
+                            "currency": str, "images": str, "updated": str}, pk="sku")
+    old["products"].insert({"sku": "CUP-1", "name": "Cup", "category": "cups", "images": "[]"})
+    old["meta"].insert_all([{"key": "schema_version", "value": "1"},
+                            {"key": "version", "value": "3"}], pk="key")
+    old.close()
+    migrated = Catalog(tmp_path / "v1.db")
+    assert migrated.product("CUP-1").attributes == [] and migrated.version == 3
+    assert migrated.db["meta"].get("schema_version")["value"] == "2"
+    migrated.upsert([plate(tmp_path, attributes=["cobalt"])])
+    assert Catalog(tmp_path / "v1.db").product("PLT-001").attributes == ["cobalt"]
+
+
 # --- importers: folders ------------------------------------------------------------------------
 
 
@@ -185,7 +207,7 @@ def test_a_category_folder_reads_product_json_and_story_files(tmp_path: Path) ->
     (plate_dir / "product.json").write_text(json.dumps({
         "sku": "PLT-001", "name": "Cobalt Willow Plate", "category": "tableware", "price": "24.50",
         "currency": "DKK", "story": {"en": "Hand-painted.", "zh": "手绘。"},
-        "images": ["front.jpg"]}), encoding="utf-8")
+        "images": ["front.jpg"], "attributes": ["cobalt", "willow"]}), encoding="utf-8")
     mug_dir = root / "mugs" / "stoneware_mug"
     photo(mug_dir / "a.png")
     photo(mug_dir / "b.jpg")
@@ -196,7 +218,7 @@ def test_a_category_folder_reads_product_json_and_story_files(tmp_path: Path) ->
     mug_, plate_ = read_products(root)  # category folders in name order
     assert plate_ == Product("PLT-001", "Cobalt Willow Plate", "tableware", 24.5, "DKK",
                              {"en": "Hand-painted.", "zh": "手绘。"},
-                             [str(plate_dir / "front.jpg")])
+                             [str(plate_dir / "front.jpg")], ["cobalt", "willow"])
     assert mug_ == Product("stoneware_mug", "stoneware mug", "mugs", None, "EUR",
                            {"en": "Thrown by hand.", "zh": "手工拉坯。"},
                            [str(mug_dir / "a.png"), str(mug_dir / "b.jpg")])
@@ -204,6 +226,7 @@ def test_a_category_folder_reads_product_json_and_story_files(tmp_path: Path) ->
     cat = Catalog(tmp_path / "catalog.db")
     cat.upsert(read_products(root))
     assert cat.skus() == ["PLT-001", "stoneware_mug"]
+    assert cat.product("PLT-001").attributes == ["cobalt", "willow"]
     assert cat.product("stoneware_mug").story("zh") == "手工拉坯。"
     assert len(cat.missing_embeddings("m1")) == 3
 
@@ -218,7 +241,8 @@ def test_a_flat_folder_gives_one_product_per_subfolder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ['{"sku": "X", ', "[1, 2]", '{"price": "cheap"}',
-                                  '{"story": "not per language"}'])
+                                  '{"story": "not per language"}', '{"attributes": "blue"}',
+                                  '{"attributes": [1]}'])
 def test_an_invalid_product_json_is_a_catalog_error(tmp_path: Path, text: str) -> None:
     (tmp_path / "X").mkdir()
     (tmp_path / "X" / "product.json").write_text(text)

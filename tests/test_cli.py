@@ -29,7 +29,8 @@ def test_help_lists_only_the_commands_that_exist() -> None:
     assert result.returncode == 0
     listed = {ln.split()[0] for ln in result.stdout.splitlines()
               if ln.startswith("    ") and not ln.startswith("     ")}
-    assert listed == {"scan", "enroll", "catalog", "demo-data", "train", "evaluate", "export"}
+    assert listed == {"scan", "enroll", "catalog", "demo-data", "train", "evaluate", "export",
+                      "compare"}
 
 
 def test_missing_data_folder_is_one_line(tmp_path: Path) -> None:
@@ -50,6 +51,12 @@ def test_scan_without_a_bundle_is_one_line(tmp_path: Path) -> None:
                        "--catalog", tmp_path / "c.db")
     assert result.returncode == 1
     one_error_line(result.stderr, "missing", "not a bundle directory")
+
+
+def test_scan_refuses_a_negative_count_in_one_line(tmp_path: Path) -> None:
+    result = storyscan("scan", tmp_path, "--bundle", tmp_path, "--hash-candidates=-3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--hash-candidates: expected a whole number 0 or more, got '-3'" in result.stderr
 
 
 # --- photos -------------------------------------------------------------------------------------
@@ -99,8 +106,9 @@ def test_bad_photos_get_one_line_each_and_good_ones_still_scan(
         trained_demo: TrainedDemo, bad_photos: dict[str, tuple[Path, str]],
         odd_but_valid_photos: list[Path]) -> None:
     files = [f for f, _ in bad_photos.values()] + odd_but_valid_photos
+    # --threshold 0: the odd photos are random noise, which the open-set check calls unknown
     result = storyscan("scan", *files, "--bundle", trained_demo.bundle,
-                       "--catalog", trained_demo.catalog, "--json")
+                       "--catalog", trained_demo.catalog, "--json", "--threshold", "0")
     assert result.returncode == 1  # some photos could not be read
     assert "Traceback" not in result.stderr
     rows = {Path(r["source"]).name: r for r in map(json.loads, result.stdout.splitlines())}

@@ -1,12 +1,19 @@
 """Matching a scan's embedding to catalog products: the best of each product's references counts,
-confidence is a softmax over all products, and the best products come first."""
+confidence is a softmax over the products searched, and the best products come first; the
+search can be narrowed to the likeliest categories, or shortlisted by binary hash codes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from device.matcher import Matcher
+from device.matcher import (
+    Matcher,
+    count_bits_by_table,
+    hamming,
+    hash_codes,
+    hash_recall,
+)
 
 SCALE = 10.0
 
@@ -86,3 +93,117 @@ def test_tied_products_keep_a_stable_order_by_sku() -> None:
 def test_each_reference_vector_needs_a_sku() -> None:
     with pytest.raises(ValueError, match="one sku per reference vector"):
         Matcher(["a"], np.stack([unit(1, 0), unit(0, 1)]), SCALE)
+
+
+# --- hierarchy: search only the likeliest categories --------------------------------------------
+
+PLATE, VASE = 0, 1
+
+
+def shop() -> Matcher:
+    """Two plates, two vases and a lamp (a category the model does not know)."""
+    vectors = np.stack([unit(1, 0, 0), unit(1, 0.2, 0), unit(0.9, 0.1, 0.3), unit(0, 1, 0),
+                        unit(0.6, 0, 0.8)])
+    return Matcher(["plate-a", "plate-b", "vase-a", "vase-b", "lamp"], vectors, SCALE,
+                   {"plate-a": PLATE, "plate-b": PLATE, "vase-a": VASE, "vase-b": VASE})
+
+
+def test_top_category_search_keeps_only_its_products_and_unknown_categories() -> None:
+    matcher = shop()
+    query = unit(1, 0.05, 0.1)
+    says_vase = np.array([0.2, 3.0])
+    matches = matcher.match(query, k=5, coarse_logits=says_vase, top_coarse=1)
+    assert [m.sku for m in matches] == ["vase-a", "lamp", "vase-b"]
+    assert sum(m.confidence for m in matches) == pytest.approx(1.0)  # shared among those searched
+    plain = matcher.match(query, k=5)
+    assert plain[0].sku == "plate-a"  # without the hierarchy the nearest plate wins
+    assert {m.sku: m.similarity for m in matches} == pytest.approx(
+        {m.sku: m.similarity for m in plain if m.sku in {"vase-a", "lamp", "vase-b"}})
+
+
+def test_searching_as_many_categories_as_there_are_is_the_plain_search() -> None:
+    matcher = shop()
+    query = unit(0.3, 1, 0.2)
+    both = matcher.match(query, k=5, coarse_logits=np.array([1.0, 0.5]), top_coarse=2)
+    assert both == matcher.match(query, k=5)
+    assert matcher.match(query, k=5, coarse_logits=np.array([1.0, 0.5]), top_coarse=0) == both
+
+
+def test_a_category_with_nothing_in_the_shop_matches_nothing() -> None:
+    matcher = Matcher(["plate-a", "vase-a"], np.stack([unit(1, 0), unit(0, 1)]), SCALE,
+                      {"plate-a": PLATE, "vase-a": VASE})
+    assert matcher.match(unit(1, 0), coarse_logits=np.array([0.0, 0.0, 5.0]), top_coarse=1) == []
+
+
+# --- binary hash codes for very large catalogs --------------------------------------------------
+
+
+def test_hash_codes_are_sign_bits_and_hamming_counts_differing_signs() -> None:
+    signs = np.where(np.random.default_rng(0).random((3, 100)) > 0.5, 1.0, -1.0)
+    codes = hash_codes(signs)
+    assert codes.shape == (3, 2) and codes.dtype == np.uint64  # 100 bits in two 64-bit words
+    differ = (signs[:, None, :] != signs[None, :, :]).sum(-1)
+    for i in range(3):
+        assert hamming(codes, codes[i]).tolist() == differ[i].tolist()
+
+
+def test_bit_counting_by_table_agrees_with_numpy() -> None:
+    words = np.random.default_rng(1).integers(0, 2**63, (50, 4), dtype=np.uint64)
+    by_table = count_bits_by_table(words).sum(-1)
+    expected = [sum(bin(int(w)).count("1") for w in row) for row in words]
+    assert by_table.tolist() == expected
+
+
+def clustered_catalog(products: int = 2000, refs: int = 3, dim: int = 256,
+                      queries: int = 50) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Products in 40 look-alike families, noisy reference photos, noisier scans of products
+    (a scan's cosine to its product is about 0.55, as for real photos)."""
+    rng = np.random.default_rng(0)
+
+    def noisy(x: np.ndarray, spread: float) -> np.ndarray:
+        y = x + rng.normal(scale=spread / np.sqrt(dim), size=x.shape)
+        return y / np.linalg.norm(y, axis=-1, keepdims=True)
+
+    families = noisy(np.zeros((40, dim)), 1.0)
+    centres = noisy(families[rng.integers(0, 40, products)], 1.0)
+    vectors = noisy(np.repeat(centres, refs, axis=0), 0.5)
+    skus = [f"P{i:04d}" for i in range(products) for _ in range(refs)]
+    return skus, vectors, noisy(centres[rng.choice(products, queries, replace=False)], 1.5)
+
+
+def test_hashed_search_finds_what_exact_search_finds_from_a_small_shortlist() -> None:
+    skus, vectors, queries = clustered_catalog()
+    assert hash_recall(skus, vectors, queries, candidates=30, k=1) >= 0.95  # 0.5% of references
+    assert hash_recall(skus, vectors, queries, candidates=200, k=5) >= 0.95
+    assert hash_recall(skus, vectors, queries, candidates=10, k=5) < 0.9  # it is approximate
+
+
+def test_hashed_search_is_exact_when_the_shortlist_holds_every_reference() -> None:
+    skus, vectors, queries = clustered_catalog(products=300, queries=20)
+    assert hash_recall(skus, vectors, queries, candidates=len(vectors), k=5) == 1.0
+    exact, hashed = Matcher(skus, vectors, SCALE), Matcher(skus, vectors, SCALE, None, 10**6)
+    assert all(exact.match(q) == hashed.match(q) for q in queries)
+
+
+def test_hashed_search_reports_exact_cosines_not_hamming_estimates() -> None:
+    skus, vectors, queries = clustered_catalog(products=300, queries=5)
+    hashed = Matcher(skus, vectors, SCALE, hash_candidates=30)
+    owners = np.array(skus)
+    for query in queries:
+        for m in hashed.match(query):
+            cosines = vectors[owners == m.sku] @ query  # of one of its shortlisted references
+            assert np.abs(cosines - m.similarity).min() < 1e-6
+
+
+def test_hashed_search_stays_within_the_likeliest_categories() -> None:
+    skus, vectors, queries = clustered_catalog(products=300, queries=10)
+    categories = {s: int(s[1:]) % 3 for s in skus}
+    hashed = Matcher(skus, vectors, SCALE, categories, hash_candidates=30)
+    for query in queries:
+        matches = hashed.match(query, k=10, coarse_logits=np.array([0.0, 1.0, 0.0]), top_coarse=1)
+        assert matches and {categories[m.sku] for m in matches} == {1}
+
+
+def test_a_negative_shortlist_is_refused() -> None:
+    with pytest.raises(ValueError, match="hash_candidates"):
+        Matcher(["a"], np.stack([unit(1, 0)]), SCALE, hash_candidates=-1)

@@ -15,6 +15,8 @@ from trainer.metrics import (
     confusion_matrix,
     evaluate_scores,
     macro_f1,
+    micro_f1,
+    multi_hot,
     per_class_table,
     plot_confusion,
     topk_accuracy,
@@ -139,6 +141,27 @@ def test_evaluate_scores_clips_top5_to_class_count() -> None:
 def test_evaluate_scores_rejects_mismatched_heads() -> None:
     with pytest.raises(ValueError, match="coarse labels"):
         evaluate_scores(SCORES, SCORE_LABELS, SCORES[:2], SCORE_LABELS[:2])
+
+
+def test_multi_hot_marks_each_rows_indices() -> None:
+    assert multi_hot([[0, 2], [], [1]], 3).tolist() == [[True, False, True],
+                                                         [False, False, False],
+                                                         [False, True, False]]
+
+
+def test_micro_f1_hand_computed() -> None:
+    # 4 true pairs, 3 predicted, 2 right: F1 = 2*2 / (3 + 4) = 4/7
+    target = multi_hot([[0, 1], [2], [0]], 3)
+    pred = multi_hot([[0], [2, 1], []], 3)
+    assert micro_f1(pred, target) == pytest.approx(4 / 7)
+    assert micro_f1(target, target) == 1.0
+    assert micro_f1(np.zeros_like(target), target) == 0.0  # predicting nothing is no baseline
+    assert micro_f1(np.zeros((2, 3)), np.zeros((2, 3))) == 0.0
+
+
+def test_micro_f1_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        micro_f1(np.zeros((2, 3)), np.zeros((2, 4)))
 
 
 TABLE_ROWS = [

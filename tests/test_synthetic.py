@@ -68,7 +68,10 @@ def test_product_json(demo: DemoCatalog) -> None:
     for product in demo.products:
         path = demo.out / "catalog" / product.category / product.sku / "product.json"
         data = json.loads(path.read_text(encoding="utf-8"))
-        assert set(data) == {"sku", "name", "category", "price", "currency", "story", "images"}
+        assert set(data) == {"sku", "name", "category", "price", "currency", "story", "images",
+                             "attributes"}
+        assert data["attributes"] == [product.palette.en.lower(), product.motif]
+        assert data["attributes"][0] in data["story"]["en"].lower()  # the colour it is drawn in
         assert data["sku"] == product.sku
         assert re.fullmatch(r"(PLT|VAS|RNG|SHT)-\d{3}", data["sku"])
         assert data["category"] in {c.folder for c in CATEGORIES}

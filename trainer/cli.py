@@ -1,4 +1,4 @@
-"""The workstation's subcommands: demo-data, train, evaluate, export.
+"""The workstation's subcommands: demo-data, train, evaluate, export, compare.
 
 Importing this module needs no torch; each command imports what it needs when it runs, so a
 kiosk without the `train` extra still lists them and says what to install.
@@ -57,6 +57,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    _need_torch()
+    from pathlib import Path
+
+    from trainer.compare import CompareConfig, compare, markdown_table, table
+
+    names = {f.name for f in fields(CompareConfig)}
+    cfg = CompareConfig(**{k: v for k, v in vars(args).items() if k in names})
+    results = compare(cfg)
+    print(table(results))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results) + "\n", encoding="utf-8")
+    print(f"results written to {Path(cfg.out) / 'compare.json'}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p = sub.add_parser("demo-data", help="generate the synthetic demo catalog and photos")
     p.add_argument("out", help="output folder")
@@ -81,6 +97,21 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="CosFace cosine margin of the product head (metric learning)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--cutmix", type=float, default=0.0, help="share of CutMix batches")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of an exponential moving average of the weights (0 = off)")
+    p.add_argument("--probe-epochs", type=int, default=0,
+                   help="first epochs train the heads only, on a frozen backbone")
+    p.add_argument("--reference-views", type=int, default=0,
+                   help="catalog reference photos join each epoch this many times")
+    p.add_argument("--attribute-weight", type=float, default=0.5,
+                   help="weight of the attribute head's loss when the catalog has attribute "
+                        "labels (0: no attribute head)")
+    p.add_argument("--holdout", default="",
+                   help="comma-separated products left out of training entirely")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -113,5 +144,25 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="refuse below this INT8-vs-FP32 top-1 agreement on val")
     p.add_argument("--force", action="store_true", help="write the bundle even below it")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="train, export and measure several architectures "
+                       "on the same data: accuracy, size, MACs, train time, INT8 latency")
+    p.add_argument("--archs", default="resnet18,resnet50,efficientnet_lite0",
+                   type=lambda s: s.split(","),
+                   help="comma-separated ARCH or ARCH:WEIGHTS (imagenet, none or a checkpoint)")
+    p.add_argument("--data", required=True,
+                   help="folder tree (train/ and val/) or Grocery-Store-style list files")
+    p.add_argument("--weights", default="imagenet", help="weights of archs given without one")
+    p.add_argument("--out", default="runs/compare",
+                   help="folder for each arch's checkpoints and bundle, and compare.json")
+    p.add_argument("--size", type=int, default=224, help="network input side")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for training and the latency runs (0 = all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", help="also write the table as Markdown to this file")
+    p.set_defaults(func=cmd_compare)
 
     return [DataError, ExportError, TrainExtraMissing, WeightsError]

@@ -7,6 +7,14 @@ embeddings keep their precision. The calibration photos are training photos pass
 shared `prepare`, exactly as the kiosk will see them. The INT8 model must agree with FP32 on
 the validation photos (top-1 product) at least `min_agreement` of the time, or no bundle is
 written.
+
+The bundle also carries the open-set threshold: the similarity to the nearest prototype, as the
+kiosk's matcher computes it from INT8 embeddings, that keeps `UNKNOWN_TAR` of the validation
+photos INT8 recognises correctly; a scan below it is unknown on the kiosk.
+
+A model trained with attribute labels gets a fourth ONNX output, `attributes` (multi-label
+logits), and the manifest a `heads.attributes` entry with their names and the probability
+threshold the kiosk reports them at; the metrics add each precision's attribute micro-F1.
 """
 
 from __future__ import annotations
@@ -30,15 +38,18 @@ from onnxruntime.quantization import (
 
 from device.engines import infer_all
 from device.engines.ort import OrtEngine
-from models.bundle import OUTPUTS, Bundle, write_bundle
+from device.matcher import Matcher
+from models.bundle import ATTRIBUTES, Bundle, logit, write_bundle
 from models.preprocess import InputSpec, prepare
 from models.recognizer import Recognizer
 from trainer.errors import ExportError
-from trainer.ingest import IngestReport, Split, load_split, read_layout
-from trainer.metrics import evaluate_scores
+from trainer.ingest import IngestReport, Split, drop_products, load_split, read_layout
+from trainer.metrics import evaluate_scores, micro_f1, multi_hot, threshold_at_tar
 from trainer.train import load_checkpoint
 
 OPSET = 17
+UNKNOWN_TAR = 0.95  # share of correctly recognised val photos the unknown threshold keeps
+ATTRIBUTE_THRESHOLD = 0.5  # probability above which the kiosk reports an attribute
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax,
                        "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
@@ -59,15 +70,17 @@ class ExportConfig:
 
 
 def export_onnx(model: Recognizer, spec: InputSpec, path: Path) -> None:
-    """FP32 ONNX with a dynamic batch axis and named outputs (embedding, fine, coarse)."""
+    """FP32 ONNX with a dynamic batch axis and the model's named outputs (embedding, fine,
+    coarse, and attributes when it has that head)."""
     model.eval()
+    outputs = list(model.output_names)
     dummy = torch.zeros(1, 3, spec.size, spec.size)
     with warnings.catch_warnings():  # the legacy exporter's deprecation and folding notes
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", "Constant folding", UserWarning)
         torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["image"], output_names=list(OUTPUTS),
-                          dynamic_axes={n: {0: "batch"} for n in ("image", *OUTPUTS)})
+                          input_names=["image"], output_names=outputs,
+                          dynamic_axes={n: {0: "batch"} for n in ("image", *outputs)})
     onnx.checker.check_model(str(path))
 
 
@@ -103,7 +116,7 @@ class QuantOptions:
 
 def fp32_nodes(model: onnx.ModelProto, leading_convs: int) -> list[str]:
     """Nodes kept in FP32: the first `leading_convs` convolutions, and everything from the
-    global pooling on (the heads), so embeddings stay precise."""
+    global pooling on (every head, the attribute head too), so embeddings stay precise."""
     nodes = model.graph.node
     pools = [i for i, n in enumerate(nodes) if n.op_type == "GlobalAveragePool"]
     if not pools:
@@ -143,11 +156,36 @@ def calibration_subset(split: Split, count: int, num_classes: int) -> Split:
     return split.subset(sorted(picked))
 
 
+def known_similarities(embeddings: np.ndarray, labels: np.ndarray, fine: list[str],
+                       prototypes: np.ndarray) -> np.ndarray:
+    """Best similarity of each photo the kiosk's matcher recognises correctly against the
+    prototypes alone: the scores of known products the unknown threshold must accept."""
+    matcher = Matcher(fine, prototypes, 1.0)
+    best = [matcher.match(e, k=1)[0] for e in embeddings]
+    return np.array([m.similarity for m, y in zip(best, labels, strict=True)
+                     if m.sku == fine[y]], np.float64)
+
+
+def calibrate_unknown(known: np.ndarray) -> dict[str, float]:
+    """The manifest's unknown-threshold keys (none, like an older bundle, when INT8 recognises
+    no validation photo: a bundle only --force writes)."""
+    if not len(known):
+        print("no unknown threshold: INT8 recognises none of the validation photos")
+        return {}
+    threshold = threshold_at_tar(known, UNKNOWN_TAR)
+    print(f"unknown threshold: similarity {threshold:.4f} keeps {UNKNOWN_TAR:.0%} of the "
+          f"{len(known)} validation photos INT8 recognises")
+    return {"unknown_threshold": threshold, "unknown_tar": UNKNOWN_TAR}
+
+
 def export(cfg: ExportConfig) -> Bundle:
     model, ckpt = load_checkpoint(cfg.checkpoint)
     spec = InputSpec.from_dict(ckpt["input"])
     labels = ckpt["labels"]
     data_labels, train, val = read_layout(cfg.data)
+    holdout = [n for n in ckpt["config"].get("holdout", "").split(",") if n]
+    if holdout:  # products the model was trained without stay out of calibration and checks
+        data_labels, (train, val) = drop_products(data_labels, [train, val], holdout)
     if data_labels.fine != labels["fine"]:
         raise ExportError(f"{cfg.data}: its products differ from the ones {cfg.checkpoint} "
                           "was trained on")
@@ -176,6 +214,12 @@ def export(cfg: ExportConfig) -> Bundle:
                    for p, path in (("fp32", fp32), ("int8", int8))}
         metrics = {p: evaluate_scores(r["fine"], y_fine, r["coarse"], y_coarse).to_dict()
                    for p, r in results.items()}
+        attribute_names = labels.get("attributes", [])
+        if attribute_names:  # scored as the kiosk reports them
+            targets = multi_hot(labels["attributes_of_fine"], len(attribute_names))[y_fine]
+            for p, r in results.items():
+                metrics[p]["attribute_micro_f1"] = micro_f1(
+                    r[ATTRIBUTES] > logit(ATTRIBUTE_THRESHOLD), targets)
         agreement = float(np.mean(results["int8"]["fine"].argmax(1)
                                   == results["fp32"]["fine"].argmax(1)))
         cosine = float(np.mean(np.sum(results["int8"]["embedding"]
@@ -185,11 +229,16 @@ def export(cfg: ExportConfig) -> Bundle:
         metrics["val_photos"] = len(val)
         print(f"val product top-1: FP32 {metrics['fp32']['fine_top1']:.3f}, INT8 "
               f"{metrics['int8']['fine_top1']:.3f}; INT8/FP32 agreement {agreement:.4f}, "
-              f"embedding cosine {cosine:.4f}")
+              f"embedding cosine {cosine:.4f}"
+              + (f"; attribute micro-F1: FP32 {metrics['fp32']['attribute_micro_f1']:.3f}, "
+                 f"INT8 {metrics['int8']['attribute_micro_f1']:.3f}" if attribute_names else ""))
         if agreement < cfg.min_agreement and not cfg.force:
             raise ExportError(f"INT8 agrees with FP32 on {agreement:.1%} of validation photos, "
                               f"below --min-agreement {cfg.min_agreement:.1%}; bundle not "
                               "written (use --force to write it anyway)")
+        known = known_similarities(results["int8"]["embedding"], y_fine, labels["fine"],
+                                   np.load(protos))
+        unknown = calibrate_unknown(known)
         manifest = {
             "name": cfg.name,
             "version": cfg.version,
@@ -198,9 +247,12 @@ def export(cfg: ExportConfig) -> Bundle:
             "heads": {
                 "embedding": {"output": "embedding", "dim": int(ckpt["config"]["embed_dim"])},
                 "fine": {"output": "fine", "labels": labels["fine"],
-                         "prototypes": protos.name, "scale": float(ckpt["config"]["scale"])},
+                         "prototypes": protos.name, "scale": float(ckpt["config"]["scale"]),
+                         **unknown},
                 "coarse": {"output": "coarse", "labels": labels["coarse"],
                            "of_fine": labels["coarse_of_fine"]},
+                **({ATTRIBUTES: {"output": ATTRIBUTES, "labels": attribute_names,
+                                 "threshold": ATTRIBUTE_THRESHOLD}} if attribute_names else {}),
             },
             "models": {"fp32": fp32.name, "int8": int8.name},
             "quantization": {**options.describe(), "calibration_photos": len(calib)},

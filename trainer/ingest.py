@@ -6,6 +6,13 @@ Two layouts are read:
 - the Grocery Store list files: `train.txt` / `val.txt` (`path, fine_id, coarse_id`) and
   `classes.csv` (fine name, fine id, coarse name, coarse id, iconic image, description).
 
+Catalog reference photos (the Grocery iconic photos, or `root/catalog/<category>/<product>/`
+of a folder tree) are read too: training may use them as extra views of their products, so the
+model has seen the very photos the catalog matches against. A folder tree's catalog may also
+label products with attributes (`"attributes": ["cobalt", "floral"]` in a product's
+`product.json`), which train the model's optional multi-label attribute head; a product without
+the key has none. The Grocery layout has no attributes.
+
 Every photo is decoded once through the shared preprocessing; unreadable, truncated, tiny and
 exact-duplicate photos are counted and skipped, and the survivors are kept in memory (as the
 caller's transform leaves them), so epochs do not decode JPEGs again.
@@ -15,9 +22,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +43,15 @@ FLAT_CATEGORY = "products"  # category of products in a flat `root/<product>/` t
 
 @dataclass(frozen=True)
 class Labels:
-    """Product (fine) and category (coarse) names, and the category of each product."""
+    """Product (fine) and category (coarse) names, and the category of each product; with
+    attribute labels, their sorted vocabulary and each product's attribute indices (both empty
+    when no product has attributes)."""
 
     fine: list[str]
     coarse: list[str]
     coarse_of_fine: list[int]
+    attributes: list[str] = field(default_factory=list)
+    attributes_of_fine: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +100,7 @@ class DataSet:
     train: Split
     val: Split
     report: IngestReport
+    references: Split = field(default_factory=lambda: Split([], [], []))
 
 
 # --- layouts -----------------------------------------------------------------------------------
@@ -199,6 +212,82 @@ def read_list_file(root: Path, list_file: Path, labels: Labels) -> Split:
     return split
 
 
+def read_references(root: str | Path, labels: Labels) -> Split:
+    """Catalog reference photos of the trained products: the Grocery `classes.csv` iconic
+    image column, or a folder tree's `catalog/` subtree. Empty when there are none."""
+    root = Path(root)
+    refs = Split([], [], [])
+
+    def add(path: Path, product: str) -> None:
+        if product in labels.fine and path.is_file():
+            i = labels.fine.index(product)
+            refs.paths.append(path)
+            refs.fine.append(i)
+            refs.coarse.append(labels.coarse_of_fine[i])
+
+    if is_list_layout(root):
+        with open(root / "classes.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))[1:]
+        for row in rows:
+            if len(row) >= 5 and row[4].strip():
+                add(root / row[4].strip().lstrip("/"), row[0].strip())
+    elif (root / "catalog").is_dir():
+        for product, (_, folder) in _product_dirs(root / "catalog").items():
+            for path in find_images(folder):
+                add(path, product)
+    return refs
+
+
+def _attributes_in(path: Path) -> list[str]:
+    """The `attributes` list of one product.json ([] without the key)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    found = meta.get("attributes", []) if isinstance(meta, dict) else []
+    if not isinstance(found, list) or not all(isinstance(a, str) for a in found):
+        raise DataError(f"{path}: 'attributes' must be a list of strings")
+    return sorted({a.strip() for a in found if a.strip()})
+
+
+def read_attributes(root: str | Path, labels: Labels) -> Labels:
+    """`labels` with the attribute labels of a folder tree's catalog (`catalog/<category>/
+    <product>/product.json`); unchanged when no product has any."""
+    catalog = Path(root) / "catalog"
+    if not catalog.is_dir():
+        return labels
+    files = {f.parent.name: f for f in sorted([*catalog.glob("*/product.json"),
+                                               *catalog.glob("*/*/product.json")])}
+    named = [_attributes_in(files[p]) if p in files else [] for p in labels.fine]
+    vocabulary = sorted({a for names in named for a in names})
+    if not vocabulary:
+        return labels
+    return replace(labels, attributes=vocabulary,
+                   attributes_of_fine=[[vocabulary.index(a) for a in names] for names in named])
+
+
+def drop_products(labels: Labels, splits: list[Split], names: list[str]
+                  ) -> tuple[Labels, list[Split]]:
+    """Labels and splits without the products `names` (held out of training entirely, to
+    test enrolment of products the model never saw). Categories and the attribute vocabulary
+    are kept as they are (an enrolled product may still show them)."""
+    unknown = sorted(set(names) - set(labels.fine))
+    if unknown:
+        raise DataError(f"cannot hold out unknown products: {', '.join(unknown)}")
+    keep = [i for i, n in enumerate(labels.fine) if n not in set(names)]
+    new_index = {old: new for new, old in enumerate(keep)}
+    kept = Labels([labels.fine[i] for i in keep], labels.coarse,
+                  [labels.coarse_of_fine[i] for i in keep], labels.attributes,
+                  [labels.attributes_of_fine[i] for i in keep] if labels.attributes else [])
+    out = []
+    for split in splits:
+        rows = [j for j, f in enumerate(split.fine) if f in new_index]
+        sub = split.subset(rows)
+        sub.fine = [new_index[f] for f in sub.fine]
+        out.append(sub)
+    return kept, out
+
+
 def is_list_layout(root: Path) -> bool:
     return all((root / f).is_file() for f in ("classes.csv", "train.txt", "val.txt"))
 
@@ -241,7 +330,8 @@ def load_split(split: Split, transform: Transform, report: IngestReport, seen: d
 
 
 def read_layout(root: str | Path) -> tuple[Labels, Split, Split]:
-    """Labels and the (unloaded) train and val splits of either layout under `root`."""
+    """Labels (with any attribute labels) and the (unloaded) train and val splits of either
+    layout under `root`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder")
@@ -249,22 +339,29 @@ def read_layout(root: str | Path) -> tuple[Labels, Split, Split]:
         labels = read_classes_csv(root / "classes.csv")
         return (labels, read_list_file(root, root / "train.txt", labels),
                 read_list_file(root, root / "val.txt", labels))
-    return read_tree(root)
+    labels, train, val = read_tree(root)
+    return read_attributes(root, labels), train, val
 
 
-def ingest(root: str | Path, train_transform: Transform, val_transform: Transform) -> DataSet:
+def ingest(root: str | Path, train_transform: Transform, val_transform: Transform,
+           holdout: list[str] | None = None) -> DataSet:
     """Read either layout under `root`, check and load every photo, report what was skipped.
 
     A photo already seen (same bytes) is skipped, also when it repeats a train photo in val.
+    Products in `holdout` are left out of labels and of every split.
     """
     labels, train, val = read_layout(root)
+    refs = read_references(root, labels)
+    if holdout:
+        labels, (train, val, refs) = drop_products(labels, [train, val, refs], holdout)
     report = IngestReport()
     seen: dict[str, Path] = {}
     train = load_split(train, train_transform, report, seen, "checking train photos")
     val = load_split(val, val_transform, report, seen, "checking val photos")
+    refs = load_split(refs, train_transform, report, seen, "checking reference photos")
     if not len(train):
         raise DataError(f"{root}: no usable training photos ({report.summary()})")
-    return DataSet(labels, train, val, report)
+    return DataSet(labels, train, val, report, refs)
 
 
 def class_balance(split: Split, labels: Labels) -> list[tuple[str, int]]:
@@ -281,11 +378,17 @@ def describe(data: DataSet) -> str:
     balance = class_balance(data.train, data.labels)
     counts = [n for _, n in balance]
     lines.append(f"classes: {len(data.labels.fine)} products in {len(data.labels.coarse)} "
-                 f"categories; train {len(data.train)} photos, val {len(data.val)}")
+                 f"categories; train {len(data.train)} photos, val {len(data.val)}, "
+                 f"catalog reference photos {len(data.references)}")
     lines.append(f"class balance (train photos per product): min {min(counts)}, "
                  f"median {int(np.median(counts))}, max {max(counts)}")
     few = sorted(balance, key=lambda x: x[1])[:5]
     lines.append("  fewest: " + ", ".join(f"{n} ({c})" for n, c in few))
+    if data.labels.attributes:
+        shown = ", ".join(data.labels.attributes[:12])
+        more = len(data.labels.attributes) - 12
+        lines.append(f"attribute labels: {len(data.labels.attributes)} ({shown}"
+                     + (f", ... {more} more)" if more > 0 else ")"))
     empty = [n for n, c in balance if c == 0]
     if empty:
         lines.append(f"  WARNING: {len(empty)} products have no usable training photo: "

@@ -1,5 +1,5 @@
 """Classification metrics and evaluation reports for the fine (product) and coarse
-(category) heads.
+(category) heads, and micro-F1 for the optional multi-label attribute head.
 
 Everything works on plain numpy arrays so that the trainer, the CLIs and the
 benchmarks share one definition of each number, without importing torch.
@@ -213,6 +213,77 @@ def evaluate_scores(
         coarse_macro_f1=coarse_f1,
         n=len(fine_labels),
     )
+
+
+def multi_hot(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """[len(rows), width] bool matrix with row i true at the indices `rows[i]`: each product's
+    attribute labels as the targets of a multi-label head."""
+    out = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        out[i, list(row)] = True
+    return out
+
+
+def micro_f1(pred: np.ndarray, target: np.ndarray) -> float:
+    """Micro-averaged F1 of multi-label [N, L] yes/no decisions: every (item, label) pair
+    counts once, and predicting no label at all scores 0 (with mostly-negative targets,
+    plain accuracy would reward it). 0 as well when there is nothing to find."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if pred.shape != target.shape or pred.ndim != 2:
+        raise ValueError(f"pred and target must be [N, L] of one shape, got {pred.shape} "
+                         f"and {target.shape}")
+    true_pos = int(np.sum(pred & target))
+    both = int(pred.sum() + target.sum())
+    return 2 * true_pos / both if both else 0.0
+
+
+def threshold_at_tar(known_scores: np.ndarray, tar: float = 0.95) -> float:
+    """The highest threshold that still accepts (score >= threshold) at least `tar` of the
+    known items: the operating point an open-set recogniser is calibrated to."""
+    known = np.sort(np.asarray(known_scores, np.float64))[::-1]
+    if not known.size:
+        raise ValueError("a threshold needs at least one known score")
+    if not 0 < tar <= 1:
+        raise ValueError(f"tar must lie in (0, 1], got {tar}")
+    accepted = int(np.ceil(round(tar * known.size, 9)))  # round: 0.95 * 20 is 19.000000000000004
+    return float(known[accepted - 1])
+
+
+def far_at_tar(
+    known_scores: np.ndarray, unknown_scores: np.ndarray, tar: float = 0.95
+) -> tuple[float, float]:
+    """(threshold accepting `tar` of the known items, share of unknown items it accepts too):
+    how many strangers get a product name when `tar` of real products keep theirs."""
+    unknown = np.asarray(unknown_scores, np.float64)
+    if not unknown.size:
+        raise ValueError("a false accept rate needs at least one unknown score")
+    threshold = threshold_at_tar(known_scores, tar)
+    return threshold, float(np.mean(unknown >= threshold))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks in ascending order; tied values share the mean of their ranks."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    new_value = np.r_[True, ordered[1:] != ordered[:-1]]
+    starts = np.flatnonzero(new_value)
+    ends = np.r_[starts[1:], len(values)]
+    group = np.cumsum(new_value) - 1
+    ranks = np.empty(len(values))
+    ranks[order] = ((starts + ends + 1) / 2)[group]
+    return ranks
+
+
+def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
+    """Probability that a known item scores higher than an unknown one (ties count half):
+    threshold-free separation of known from unknown, by ranks (Mann-Whitney U), O(n log n)."""
+    known = np.asarray(known_scores, np.float64).ravel()
+    unknown = np.asarray(unknown_scores, np.float64).ravel()
+    if not known.size or not unknown.size:
+        raise ValueError("AUROC needs at least one known and one unknown score")
+    ranks = _average_ranks(np.concatenate([known, unknown]))
+    u = ranks[: known.size].sum() - known.size * (known.size + 1) / 2
+    return float(u / (known.size * unknown.size))
 
 
 def _row_normalise(cm: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ OpenCV from a seed, so a given seed always yields byte-identical files on disk.
 
 Layout written by `generate_demo(out)`:
 
-    out/catalog/<category>/<sku>/product.json   name, price, story in English and Chinese
+    out/catalog/<category>/<sku>/product.json   name, price, story in English and Chinese,
+                                                attributes (colour and motif, e.g. "cobalt",
+                                                "floral": labels for the attribute head)
     out/catalog/<category>/<sku>/catalog.jpg    the product on a plain studio background
     out/{train,val,scans}/<category>/<sku>/<sku>_NNN.jpg   kiosk-camera-like photos
 
@@ -263,7 +265,14 @@ class Product:
             "currency": "EUR",
             "story": {"en": self.story_en, "zh": self.story_zh},
             "images": ["catalog.jpg"],
+            "attributes": self.attributes,
         }
+
+    @property
+    def attributes(self) -> list[str]:
+        """Synthetic attribute labels, true by construction: the colour and the motif (or cut,
+        for rings) it is drawn with."""
+        return [self.palette.en.lower(), self.motif]
 
 
 @dataclass(frozen=True)

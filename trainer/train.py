@@ -4,15 +4,27 @@ ImageNet backbone, random-resized-crop / flip / colour-jitter augmentation, clas
 cross-entropy on the product (fine) and category (coarse) heads, SGD with momentum and a
 cosine schedule after a short warm-up. A checkpoint is written each epoch (`last.pt`, for
 `--resume`), and the one with the best validation product top-1 is kept as `best.pt`.
+
+The product head is a cosine classifier, so its loss is a metric-learning loss (normalised
+softmax); `margin` turns it into CosFace, pulling each product's photos tighter around its
+prototype, which is what nearest-reference matching and the "unknown" threshold rely on. The
+other recipe switches (label smoothing, CutMix, weight EMA, a frozen-backbone probe phase,
+catalog photos as extra views) are off by default; docs/BENCHMARKS.md says which pay.
+
+When the catalog labels products with attributes (see trainer/ingest.py), the model gets a
+multi-label attribute head trained with `attribute_weight` x binary cross-entropy against its
+photo's product's attributes; the validation report then adds attribute micro-F1 (a logit above
+0, i.e. probability above 0.5, counts as present). Without attribute labels nothing changes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +35,9 @@ from tqdm import tqdm
 from models.preprocess import InputSpec, prepare, resize_shorter
 from models.recognizer import Recognizer, build_recognizer, input_spec
 from trainer.augment import augment
+from trainer.errors import DataError
 from trainer.ingest import DataSet, Labels, Split, describe, ingest
-from trainer.metrics import Report, evaluate_scores
+from trainer.metrics import Report, evaluate_scores, micro_f1, multi_hot
 
 
 @dataclass
@@ -44,6 +57,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     coarse_weight: float = 0.5  # share of the category loss next to the product loss
+    attribute_weight: float = 0.5  # attribute-head loss, when the catalog has attributes (0: off)
+    margin: float = 0.0  # CosFace additive cosine margin on the product head
+    label_smoothing: float = 0.0
+    cutmix: float = 0.0  # share of batches mixed with CutMix
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
+    probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
+    reference_views: int = 0  # each catalog reference photo joins each epoch this many times
+    holdout: str = ""  # comma-separated products left out entirely (enrolment experiments)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = all cores
     device: str = "auto"  # auto = cuda when a GPU is there, else cpu
@@ -53,13 +74,29 @@ class TrainConfig:
 # --- data --------------------------------------------------------------------------------------
 
 
+def holdout_products(cfg: TrainConfig) -> list[str]:
+    return [n.strip() for n in cfg.holdout.split(",") if n.strip()]
+
+
 def load_data(cfg: TrainConfig, spec: InputSpec) -> DataSet:
-    """Train photos kept a little larger than the crop (augmentation zooms); val ones prepared."""
+    """Train photos kept a little larger than the crop (augmentation zooms); val ones prepared.
+    Attribute labels are dropped when `attribute_weight` is 0: no head is trained for them."""
     keep = round(spec.resize * 1.25)
-    return ingest(cfg.data,
+    data = ingest(cfg.data,
                   train_transform=lambda img: resize_shorter(img, keep)
                   if min(img.shape[:2]) > keep else img,
-                  val_transform=lambda img: prepare(img, spec))
+                  val_transform=lambda img: prepare(img, spec),
+                  holdout=holdout_products(cfg))
+    if not cfg.attribute_weight:
+        data.labels = replace(data.labels, attributes=[], attributes_of_fine=[])
+    return data
+
+
+def training_pool(data: DataSet, reference_views: int) -> Split:
+    """The photos an epoch draws from: train photos plus the catalog's reference photos."""
+    refs = data.references.subset(list(range(len(data.references))) * reference_views)
+    return Split(data.train.paths + refs.paths, data.train.fine + refs.fine,
+                 data.train.coarse + refs.coarse, data.train.images + refs.images)
 
 
 def class_weights(labels: list[int], n: int) -> torch.Tensor:
@@ -74,6 +111,28 @@ def batches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     return [order[i : i + size] for i in range(0, n - size + 1, size)] or [order]
 
 
+def cutmix(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, float]:
+    """Paste a random box of a shuffled batch into `x`: (mixed, partner order, own share)."""
+    n, _, h, w = x.shape
+    perm = rng.permutation(n)
+    lam = rng.uniform()
+    bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    x = x.clone()
+    x[:, :, top : top + bh, left : left + bw] = x[perm, :, top : top + bh, left : left + bw]
+    return x, perm, 1 - bh * bw / (h * w)
+
+
+@torch.no_grad()
+def update_ema(ema: Recognizer, model: Recognizer, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over weights and BatchNorm statistics."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if e.dtype.is_floating_point:
+            e.mul_(decay).add_(m, alpha=1 - decay)
+        else:
+            e.copy_(m)
+
+
 # --- evaluation --------------------------------------------------------------------------------
 
 
@@ -85,10 +144,11 @@ def pick_device(name: str) -> torch.device:
 @torch.no_grad()
 def predict(model: Recognizer, inputs: list[np.ndarray], batch_size: int = 64
             ) -> dict[str, np.ndarray]:
-    """Run prepared inputs through the model in eval mode: {embedding, fine, coarse} arrays."""
+    """Run prepared inputs through the model in eval mode: {embedding, fine, coarse} arrays,
+    and `attributes` logits when the model has that head."""
     model.eval()
     device = next(model.parameters()).device
-    out: dict[str, list[np.ndarray]] = {"embedding": [], "fine": [], "coarse": []}
+    out: dict[str, list[np.ndarray]] = {name: [] for name in model.output_names}
     for i in range(0, len(inputs), batch_size):
         x = torch.from_numpy(np.stack(inputs[i : i + batch_size])).to(device)
         for name, y in zip(out, model(x), strict=True):
@@ -101,6 +161,13 @@ def evaluate_split(model: Recognizer, split: Split) -> tuple[Report, dict[str, n
     report = evaluate_scores(out["fine"], np.array(split.fine), out["coarse"],
                              np.array(split.coarse))
     return report, out
+
+
+def attribute_f1(logits: np.ndarray, fine: list[int], labels: Labels) -> float:
+    """Micro-F1 of the attributes a logit above 0 (probability 0.5) calls present, against
+    those of each photo's product."""
+    targets = multi_hot(labels.attributes_of_fine, len(labels.attributes))[fine]
+    return micro_f1(logits > 0, targets)
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -119,7 +186,8 @@ def load_checkpoint(path: str | Path) -> tuple[Recognizer, dict]:
     labels = ckpt["labels"]
     model = build_recognizer(ckpt["config"]["arch"], len(labels["fine"]), len(labels["coarse"]),
                              weights="none", embed_dim=ckpt["config"]["embed_dim"],
-                             scale=ckpt["config"]["scale"])
+                             scale=ckpt["config"]["scale"],
+                             num_attributes=len(labels.get("attributes", [])))
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt
@@ -143,22 +211,53 @@ def train(cfg: TrainConfig) -> Path:
     labels: Labels = data.labels
     device = pick_device(cfg.device)
     model = build_recognizer(cfg.arch, len(labels.fine), len(labels.coarse), cfg.weights,
-                             cfg.embed_dim, cfg.scale).to(device)
+                             cfg.embed_dim, cfg.scale, len(labels.attributes)).to(device)
     print(f"training {cfg.arch} at {cfg.size} px on {device}")
     heads = {id(p) for p in model.head_parameters()}
     optimizer = torch.optim.SGD(
         [{"params": [p for p in model.parameters() if id(p) not in heads], "lr_mult": 1.0},
          {"params": model.head_parameters(), "lr_mult": cfg.head_lr_mult}],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    fine_w = class_weights(data.train.fine, len(labels.fine)).to(device)
-    coarse_w = class_weights(data.train.coarse, len(labels.coarse)).to(device)
+    pool = training_pool(data, cfg.reference_views)
+    fine_w = class_weights(pool.fine, len(labels.fine)).to(device)
+    coarse_w = class_weights(pool.coarse, len(labels.coarse)).to(device)
+    ema = copy.deepcopy(model).eval() if cfg.ema else None
+    # [product, attribute] 0/1: a photo's attribute targets are its product's row
+    attribute_targets = torch.from_numpy(
+        multi_hot(labels.attributes_of_fine, len(labels.attributes))).float().to(device)
 
-    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+    def losses(idx: np.ndarray, fine: torch.Tensor, coarse: torch.Tensor,
+               attributes: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of the heads' outputs for the photos `idx` of the pool."""
+        y_fine = torch.tensor([pool.fine[j] for j in idx], device=device)
+        y_coarse = torch.tensor([pool.coarse[j] for j in idx], device=device)
+        if cfg.margin:  # CosFace: the true product must win by a margin in cosine
+            fine = fine - cfg.scale * cfg.margin * F.one_hot(y_fine, fine.shape[1])
+        loss = (F.cross_entropy(fine, y_fine, weight=fine_w, label_smoothing=cfg.label_smoothing)
+                + cfg.coarse_weight * F.cross_entropy(coarse, y_coarse, weight=coarse_w,
+                                                      label_smoothing=cfg.label_smoothing))
+        if attributes is not None:  # summed over attributes: a larger vocabulary is no weaker
+            loss = loss + cfg.attribute_weight * F.binary_cross_entropy_with_logits(
+                attributes, attribute_targets[y_fine], reduction="none").sum(1).mean()
+        return loss
+
+    steps_per_epoch = max(1, len(pool) // cfg.batch_size)
     total_steps, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     start_epoch, best_top1, history = 0, -1.0, []
     if cfg.resume and (out / "last.pt").exists():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
+        keys = ("arch", "size", "embed_dim", "holdout", "data")
+        was = {k: ckpt["config"].get(k) for k in keys} | {
+            "attribute labels": ckpt["labels"].get("attributes", [])}  # they shape the model
+        now = {k: getattr(cfg, k) for k in keys} | {"attribute labels": labels.attributes}
+        changed = [k for k in was if was[k] != now[k]]
+        if changed:
+            raise DataError(f"{out / 'last.pt'} was trained with other "
+                            + ", ".join(f"{k} ({was[k]!r})" for k in changed)
+                            + ": resume with the same options or a new --out")
+        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        if ema is not None:
+            ema.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         rng.bit_generator.state = ckpt["rng"]
         torch.set_rng_state(ckpt["torch_rng"].cpu())
@@ -172,47 +271,64 @@ def train(cfg: TrainConfig) -> Path:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     for epoch in range(start_epoch, cfg.epochs):
+        probing = epoch < cfg.probe_epochs  # heads only: no backward through the backbone
         model.train()
+        if probing:
+            model.backbone.eval()
         t0, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(batches(len(data.train), cfg.batch_size, rng), desc=f"epoch {epoch + 1}/"
+        bar = tqdm(batches(len(pool), cfg.batch_size, rng), desc=f"epoch {epoch + 1}/"
                    f"{cfg.epochs}", unit="batch", leave=False, disable=None)
         for i, idx in enumerate(bar):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step) * group["lr_mult"]
-            x = torch.from_numpy(np.stack([augment(data.train.images[j], spec, rng)
+            x = torch.from_numpy(np.stack([augment(pool.images[j], spec, rng)
                                            for j in idx])).to(device)
-            y_fine = torch.tensor([data.train.fine[j] for j in idx], device=device)
-            y_coarse = torch.tensor([data.train.coarse[j] for j in idx], device=device)
-            _, fine, coarse = model(x)
-            loss = (F.cross_entropy(fine, y_fine, weight=fine_w)
-                    + cfg.coarse_weight * F.cross_entropy(coarse, y_coarse, weight=coarse_w))
+            mixed = cfg.cutmix and rng.random() < cfg.cutmix
+            if mixed:
+                x, partner, lam = cutmix(x, rng)
+            with torch.set_grad_enabled(not probing):
+                features = model.backbone.forward_features(x)
+            _, *outputs = model.heads(features)  # fine, coarse[, attributes]
+            loss = losses(idx, *outputs)
+            if mixed:
+                loss = lam * loss + (1 - lam) * losses(idx[partner], *outputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:  # short runs: the average must not start from ImageNet weights
+                update_ema(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr_at(step):.4f}")
 
-        report, _ = evaluate_split(model, data.val) if len(data.val) else (None, None)
+        best_model = ema if ema is not None else model
+        report, scores = evaluate_split(best_model, data.val) if len(data.val) else (None, {})
         val = report.to_dict() if report else {}
+        if "attributes" in scores:
+            val["attribute_micro_f1"] = attribute_f1(scores["attributes"], data.val.fine, labels)
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
                         "seconds": time.time() - t0, **val})
         top1 = val.get("fine_top1", -loss_sum / max(seen, 1))
         print(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / max(seen, 1):.3f}"
               + (f", val product top-1 {val['fine_top1']:.3f}, category top-1 "
                  f"{val['coarse_top1']:.3f}" if val else "")
+              + (f", attribute micro-F1 {val['attribute_micro_f1']:.3f}"
+                 if "attribute_micro_f1" in val else "")
               + f" ({time.time() - t0:.0f} s)")
         state = {
-            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "model": {k: v.cpu() for k, v in best_model.state_dict().items()},
             "config": asdict(cfg),
             "labels": {"fine": labels.fine, "coarse": labels.coarse,
-                       "coarse_of_fine": labels.coarse_of_fine},
+                       "coarse_of_fine": labels.coarse_of_fine,
+                       "attributes": labels.attributes,
+                       "attributes_of_fine": labels.attributes_of_fine},
             "input": spec.to_dict(),
             "epoch": epoch + 1,
             "val": val,
             "best_top1": max(best_top1, top1),
             "history": history,
+            "train_model": {k: v.cpu() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
             "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
@@ -220,8 +336,8 @@ def train(cfg: TrainConfig) -> Path:
         save_checkpoint(out / "last.pt", state)
         if top1 > best_top1:
             best_top1 = top1
-            save_checkpoint(out / "best.pt", {k: v for k, v in state.items()
-                                              if k not in ("optimizer", "rng", "torch_rng")})
+            save_checkpoint(out / "best.pt", {k: v for k, v in state.items() if k not in
+                                              ("train_model", "optimizer", "rng", "torch_rng")})
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     print(f"best val product top-1 {best_top1:.3f}: {out / 'best.pt'}")
     return out / "best.pt"

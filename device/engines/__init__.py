@@ -1,7 +1,8 @@
 """Inference engines: one interface, a backend per runtime.
 
 An engine runs a bundle's network on a batch of prepared inputs and returns its named outputs
-(embedding, fine, coarse). ONNX Runtime (CPU) is the engine everywhere.
+(embedding, fine, coarse, and attributes when the bundle has that head). ONNX Runtime (CPU) is
+the engine everywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Engine(Protocol):
     precision: str
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """[N, 3, H, W] float32 -> {"embedding": [N, D], "fine": [N, F], "coarse": [N, C]}."""
+        """[N, 3, H, W] float32 -> {"embedding": [N, D], "fine": [N, F], "coarse": [N, C]},
+        plus "attributes": [N, A] logits when the model has the attribute head."""
         ...
 
 

@@ -1,4 +1,5 @@
-"""ONNX Runtime on the CPU: runs a bundle's INT8 (QDQ) or FP32 model."""
+"""ONNX Runtime on the CPU: runs a bundle's INT8 (QDQ) or FP32 model and returns every output
+by name (embedding, fine, coarse, and attributes when the model has that head)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ class OrtEngine:
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise EngineError(f"{model}: ONNX Runtime cannot load it "
                               f"({str(e).strip().splitlines()[0]})") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        missing = [name for name in OUTPUTS if name not in self.outputs]
+        if missing:
+            raise EngineError(f"{model}: the model lacks the output(s) {', '.join(missing)}")
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(list(OUTPUTS), {"image": np.ascontiguousarray(batch, np.float32)})
-        return dict(zip(OUTPUTS, outs, strict=True))
+        outs = self.session.run(self.outputs, {"image": np.ascontiguousarray(batch, np.float32)})
+        return dict(zip(self.outputs, outs, strict=True))

@@ -1,0 +1,239 @@
+"""The three recognition protocols, measured on the kiosk's own path (INT8 bundle + catalog).
+
+    python bench/protocols.py --data ../shared/data/grocery --size 224 --epochs 8
+
+1. Closed set: train on `train` (+ catalog photos when the recipe says so) with every product,
+   export, and report `val` fine/coarse top-1, top-5 and macro-F1 for FP32 and INT8, plus
+   what the kiosk matcher gets (trained prototypes + the catalog's reference photos), with and
+   without the "classify first, then search within the category" restriction, and the recall
+   of binary-hash search against exact search.
+2. New products: every 4th product (20 of Grocery's 81) is held out of training entirely; the
+   held-out ones are then enrolled into the kiosk catalog from (a) 5 training photos each or
+   (b) their single catalog (iconic) photo, and their `val` photos are recognised among all
+   products.
+3. Unknown items: with the held-out products not in the catalog, their `val` photos should
+   score below the known products' ones: AUROC, the false-accept rate at 95% true-accept, and
+   what the bundle's calibrated threshold does.
+
+Training options are `storyscan train`'s (`--size`, `--epochs`, `--margin`, ...); checkpoints
+this script trained before can be reused with --closed-checkpoint / --held-out-checkpoint. The
+tables go to stdout and to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import MISSING, fields, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from bench.report import write_section
+from device.catalog import Catalog, Product
+from device.engines import open_engine
+from device.importers import read_products
+from device.matcher import Matcher, hash_recall
+from device.pipeline import Pipeline
+from models.bundle import Bundle
+from models.preprocess import load_image, prepare
+from models.tables import format_markdown_table, format_table
+from trainer.export import ExportConfig, export
+from trainer.ingest import is_list_layout, read_layout
+from trainer.metrics import auroc, far_at_tar, topk_accuracy
+from trainer.train import TrainConfig, train
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
+ENROL_PHOTOS = 5
+NOT_TRAINING_OPTIONS = {"data", "out", "holdout", "resume", "device"}
+
+
+def held_out_products(fine: list[str], every: int) -> list[str]:
+    """Every `every`-th product starting with the second (ids 1, 5, 9, ...: 20 of 81)."""
+    return fine[1::every]
+
+
+def catalog_products(data: Path) -> list[Product]:
+    """The shop's catalog for `data`: Grocery classes.csv (iconic photo + description), or a
+    folder tree's catalog/ subtree."""
+    return read_products(data / "classes.csv" if is_list_layout(data) else data / "catalog")
+
+
+def train_and_export(cfg: TrainConfig, checkpoint: Path | None, out: Path, name: str
+                     ) -> tuple[Bundle, float | None]:
+    """Train (unless a checkpoint is given) and export; the training minutes or None."""
+    t0 = time.time()
+    best = checkpoint or train(cfg)
+    minutes = None if checkpoint else (time.time() - t0) / 60
+    bundle = export(ExportConfig(checkpoint=str(best), data=cfg.data, out=str(out / name),
+                                 name=name, force=True))
+    return bundle, minutes
+
+
+class Kiosk:
+    """A bundle's INT8 pipeline over a scratch catalog, and the val photos it recognises."""
+
+    def __init__(self, bundle: Bundle, work: Path, val_paths: list[Path]) -> None:
+        self.bundle, self.work = bundle, work
+        self.engine = open_engine(bundle, "auto", "int8")
+        out = [self.engine.infer(prepare(load_image(p), bundle.input_spec)[None])
+               for p in val_paths]  # one photo at a time, as the kiosk runs
+        self.embeddings = np.concatenate([o["embedding"] for o in out])
+        self.coarse = np.concatenate([o["coarse"] for o in out])
+
+    def use_catalog(self, name: str, products: list[Product]) -> Matcher:
+        """The matcher of a fresh catalog holding `products` (reference photos embedded)."""
+        catalog = Catalog(self.work / name / "catalog.db")
+        catalog.upsert(products)
+        return Pipeline(self.bundle, self.engine, catalog).matcher
+
+    def scores(self, matcher: Matcher) -> np.ndarray:
+        """[val photos, products] best similarity per catalog product."""
+        return np.stack([matcher.scores(e) for e in self.embeddings])
+
+
+def accuracy(scores: np.ndarray, products: list[str], truth: list[str]) -> tuple[float, float]:
+    """Top-1 and top-5 of val photos whose true product is `truth` (names)."""
+    index = {p: i for i, p in enumerate(products)}
+    labels = np.array([index[t] for t in truth])
+    return (topk_accuracy(scores, labels, 1),
+            topk_accuracy(scores, labels, min(5, len(products))))
+
+
+def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Product]
+               ) -> dict[str, list[dict]]:
+    m = bundle.manifest["metrics"]
+    heads = [{"precision": p.upper(), "fine top-1": m[p]["fine_top1"],
+              "fine top-5": m[p]["fine_top5"], "coarse top-1": m[p]["coarse_top1"],
+              "macro-F1": m[p]["fine_macro_f1"],
+              "INT8/FP32 agree": m["int8_fp32_agreement"] if p == "int8" else None}
+             for p in ("fp32", "int8")]
+    matcher = kiosk.use_catalog("closed", products)
+    search = []
+    for top_coarse in (0, 1, 2, 3):
+        t0 = time.perf_counter()
+        picks = [[x.sku for x in matcher.match(e, 5, c, top_coarse)]
+                 for e, c in zip(kiosk.embeddings, kiosk.coarse, strict=True)]
+        us = (time.perf_counter() - t0) / len(picks) * 1e6
+        search.append({"search": "all products" if not top_coarse
+                       else f"top-{top_coarse} categories",
+                       "top-1": np.mean([p[:1] == [t] for p, t in zip(picks, truth, strict=True)]),
+                       "top-5": np.mean([t in p for p, t in zip(picks, truth, strict=True)]),
+                       "match µs": us})
+    refs = (list(matcher.products[i] for i in matcher.owner), matcher.vectors)
+    hashing = []
+    for candidates in (8, 16, 32, 64):
+        hashed = Matcher(*refs, bundle.scale, hash_candidates=candidates)
+        t0 = time.perf_counter()
+        for e in kiosk.embeddings:
+            hashed.match(e, 5)
+        us = (time.perf_counter() - t0) / len(kiosk.embeddings) * 1e6
+        hashing.append({"shortlist": f"{candidates} of {len(refs[0])} references",
+                        "recall@1": hash_recall(*refs, kiosk.embeddings, candidates, 1),
+                        "recall@5": hash_recall(*refs, kiosk.embeddings, candidates, 5),
+                        "match µs": us})
+    return {"heads": heads, "search": search, "hashing": hashing}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-protocols"))
+    p.add_argument("--holdout-every", type=int, default=4)
+    p.add_argument("--closed-checkpoint", type=Path, help="reuse: trained on every product")
+    p.add_argument("--held-out-checkpoint", type=Path, help="reuse: trained without held-out")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    for f in fields(TrainConfig):
+        if f.name not in NOT_TRAINING_OPTIONS and f.default is not MISSING:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
+                           default=f.default)
+    args = p.parse_args()
+    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if f.name not in NOT_TRAINING_OPTIONS and f.default is not MISSING}
+
+    labels, train_split, val = read_layout(args.data)
+    held = held_out_products(labels.fine, args.holdout_every)
+    truth = [labels.fine[f] for f in val.fine]
+    products = catalog_products(args.data)
+    by_sku = {pr.sku: pr for pr in products}
+    if set(by_sku) != set(labels.fine):
+        raise SystemExit(f"{args.data}: catalog products differ from the trained products")
+
+    closed_bundle, closed_min = train_and_export(
+        TrainConfig(data=str(args.data), out=str(args.out / "closed"), **recipe),
+        args.closed_checkpoint, args.out, "closed-bundle")
+    held_bundle, held_min = train_and_export(
+        TrainConfig(data=str(args.data), out=str(args.out / "held-out"), holdout=",".join(held),
+                    **recipe), args.held_out_checkpoint, args.out, "held-out-bundle")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        closed = closed_set(closed_bundle, Kiosk(closed_bundle, work / "c", val.paths), truth,
+                            products)
+
+        kiosk = Kiosk(held_bundle, work / "h", val.paths)
+        is_new = np.array([t in held for t in truth])
+        known = [pr for pr in products if pr.sku not in held]
+        # 3. unknown: the held-out products are not in the catalog at all
+        best = kiosk.scores(kiosk.use_catalog("known-only", known)).max(axis=1)
+        threshold = held_bundle.unknown_threshold
+        tar_threshold, far = far_at_tar(best[~is_new], best[is_new], 0.95)
+        unknown = [{"AUROC": auroc(best[~is_new], best[is_new]), "FAR @ 95% TAR": far,
+                    "threshold @ 95% TAR": tar_threshold, "bundle threshold": threshold,
+                    "known accepted": float(np.mean(best[~is_new] >= threshold)),
+                    "unknown rejected": float(np.mean(best[is_new] < threshold))}]
+        # 2. new products: enrolled from 5 training photos, or from the iconic photo alone
+        new_rows = []
+        first_photos = {sku: [str(path) for path, f in zip(train_split.paths, train_split.fine,
+                                                           strict=True)
+                              if labels.fine[f] == sku][:ENROL_PHOTOS] for sku in held}
+        for key, name, images in (
+                ("photos", f"{ENROL_PHOTOS} training photos", first_photos),
+                ("iconic", "catalog (iconic) photo", {s: by_sku[s].images for s in held})):
+            enrolled = [replace(by_sku[s], images=images[s]) for s in held]
+            matcher = kiosk.use_catalog(key, known + enrolled)
+            scores = kiosk.scores(matcher)
+            new = accuracy(scores[is_new], matcher.products,
+                           [t for t, n in zip(truth, is_new, strict=True) if n])
+            old = accuracy(scores[~is_new], matcher.products,
+                           [t for t, n in zip(truth, is_new, strict=True) if not n])
+            new_rows.append({"enrolled from": name, "new top-1": new[0], "new top-5": new[1],
+                             "known top-1": old[0], "known top-5": old[1]})
+
+    recipe_text = ", ".join(f"{k}={v}" for k, v in recipe.items()
+                            if getattr(TrainConfig, k, None) != v)
+    tables = [
+        ("1. Closed set: classifier heads", closed["heads"],
+         ["precision", "fine top-1", "fine top-5", "coarse top-1", "macro-F1",
+          "INT8/FP32 agree"]),
+        ("1. Closed set: kiosk matcher (INT8, prototypes + catalog photos)", closed["search"],
+         ["search", "top-1", "top-5", "match µs"]),
+        ("1. Closed set: binary-hash shortlist + float re-rank vs exact search",
+         closed["hashing"], ["shortlist", "recall@1", "recall@5", "match µs"]),
+        (f"2. New products ({len(held)} held out of training, {int(is_new.sum())} val photos)",
+         new_rows, ["enrolled from", "new top-1", "new top-5", "known top-1", "known top-5"]),
+        ("3. Unknown items (held-out products not in the catalog)", unknown,
+         ["AUROC", "FAR @ 95% TAR", "threshold @ 95% TAR", "bundle threshold",
+          "known accepted", "unknown rejected"]),
+    ]
+    for title, rows, cols in tables:
+        print(f"\n{title}\n{format_table(rows, cols)}")
+    if args.no_docs:
+        return
+    minutes = " and ".join(f"{m:.0f} min ({what})" for m, what in
+                           ((closed_min, "all products"), (held_min, "held-out products left out"))
+                           if m is not None)
+    body = (f"Recipe: {recipe_text or 'defaults'}"
+            + (f"; training took {minutes}" if minutes else "")
+            + f". Held out: {', '.join(held)}.\n\n"
+            + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, c)}" for t, r, c in tables))
+    write_section("protocols", "Recognition protocols: closed set, new products, unknown items",
+                  body)
+
+
+if __name__ == "__main__":
+    main()

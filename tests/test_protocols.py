@@ -1,0 +1,30 @@
+"""bench/protocols.py end to end on a small synthetic shop: every table comes out, sane."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from trainer.synthetic import generate_demo
+
+
+@pytest.mark.slow
+def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
+    generate_demo(tmp_path / "data", products=8, train=8, val=3, scans=0, size=96, seed=5)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "protocols.py"), "--data", tmp_path / "data",
+         "--out", tmp_path / "runs", "--size", "64", "--epochs", "2", "--batch-size", "8",
+         "--margin", "0.2", "--no-docs"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for title in ("1. Closed set: classifier heads", "kiosk matcher", "binary-hash",
+                  "2. New products (2 held out of training, 6 val photos)",
+                  "3. Unknown items"):
+        assert title in out
+    assert "5 training photos" in out and "catalog (iconic) photo" in out
+    assert "top-2 categories" in out and "64 of" in out

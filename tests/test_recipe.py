@@ -1,0 +1,114 @@
+"""The training recipe's switches: each does what it says, and a run with all of them works."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.errors import DataError
+from trainer.ingest import drop_products, read_layout, read_references
+from trainer.synthetic import generate_demo
+from trainer.train import TrainConfig, cutmix, load_checkpoint, train, update_ema
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    generate_demo(root, products=5, train=6, val=2, scans=0, size=96, seed=3)
+    return root
+
+
+def test_catalog_photos_are_found_as_references(tiny: Path) -> None:
+    labels, _, _ = read_layout(tiny)
+    refs = read_references(tiny, labels)
+    assert len(refs) == len(labels.fine)  # one catalog.jpg per product
+    assert sorted(refs.fine) == list(range(len(labels.fine)))
+    assert all(p.name == "catalog.jpg" for p in refs.paths)
+
+
+def test_grocery_iconic_photos_are_references(tmp_path: Path) -> None:
+    (tmp_path / "iconic" / "A").mkdir(parents=True)
+    (tmp_path / "iconic" / "A" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "classes.csv").write_text(
+        "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),"
+        "Iconic Image Path (str),Product Description Path (str)\n"
+        "A,0,Fruit,0,/iconic/A/a.jpg,/iconic/A/d.txt\n"
+        "B,1,Fruit,0,/iconic/B/missing.jpg,/iconic/B/d.txt\n")
+    (tmp_path / "train.txt").write_text("")
+    (tmp_path / "val.txt").write_text("")
+    labels, _, _ = read_layout(tmp_path)
+    refs = read_references(tmp_path, labels)
+    assert refs.paths == [tmp_path / "iconic" / "A" / "a.jpg"]  # a missing file is no reference
+    assert refs.fine == [0]
+
+
+def test_holdout_removes_products_everywhere_and_renumbers(tiny: Path) -> None:
+    labels, train_split, val = read_layout(tiny)
+    gone = labels.fine[1]
+    kept, (tr, va) = drop_products(labels, [train_split, val], [gone])
+    assert gone not in kept.fine and len(kept.fine) == len(labels.fine) - 1
+    assert kept.coarse == labels.coarse  # categories stay, even one left without products
+    assert len(tr) == len(train_split) - 6 and max(tr.fine) == len(kept.fine) - 1
+    for split in (tr, va):  # every remaining photo keeps its product name
+        for path, f in zip(split.paths, split.fine, strict=True):
+            assert path.parent.name == kept.fine[f]
+    with pytest.raises(DataError, match="unknown products: nope"):
+        drop_products(labels, [train_split], ["nope"])
+
+
+def test_cutmix_pastes_one_box_and_reports_the_share_kept() -> None:
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 20, 20).contiguous()
+    mixed, partner, lam = cutmix(x, np.random.default_rng(0))
+    for i in range(4):
+        own = (mixed[i] == i).float().mean().item()
+        assert own == pytest.approx(lam if partner[i] != i else 1.0, abs=1e-6)
+    assert torch.equal(x[:, 0, 0, 0], torch.arange(4, dtype=torch.float32))  # input untouched
+
+
+def test_ema_moves_towards_the_model() -> None:
+    ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.num_batches_tracked.fill_(7)
+    update_ema(ema, model, 0.75)
+    assert torch.allclose(ema.weight, torch.full((3,), 1.25))  # 0.75 * 1 + 0.25 * 2
+    assert ema.num_batches_tracked.item() == 7  # counters are copied, not averaged
+
+
+def test_training_with_every_switch_on(tiny: Path, tmp_path: Path) -> None:
+    labels, _, _ = read_layout(tiny)
+    cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=2,
+                      batch_size=8, margin=0.2, label_smoothing=0.1, cutmix=0.5, ema=0.9,
+                      probe_epochs=1, reference_views=2, holdout=labels.fine[0])
+    best = train(cfg)
+    model, ckpt = load_checkpoint(best)
+    assert ckpt["labels"]["fine"] == labels.fine[1:]
+    assert model.prototypes().shape[0] == len(labels.fine) - 1
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    # the EMA copy is what was evaluated and saved, not the raw weights
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert not all(torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"])
+
+
+def test_probe_epochs_leave_the_backbone_untouched(tiny: Path, tmp_path: Path) -> None:
+    from models.recognizer import build_backbone
+
+    cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=1,
+                      batch_size=8, probe_epochs=1)
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_model"]
+    imagenet = build_backbone("efficientnet_lite0").state_dict()
+    assert all(torch.equal(last[f"backbone.{k}"], v) for k, v in imagenet.items())
+
+
+def test_resume_with_other_options_is_refused(tiny: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=1, batch_size=8)
+    train(cfg)
+    with pytest.raises(DataError, match="trained with other size"):
+        train(TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=80, epochs=2,
+                          batch_size=8, resume=True))
