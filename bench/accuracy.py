@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import write_section
 from models.tables import format_markdown_table, format_table
+from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
-from trainer.train import TrainConfig, train
+from trainer.train import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
 COLUMNS = ["arch", "init", "size", "epochs", "train min", "precision", "fine top-1",
@@ -77,7 +78,9 @@ def main() -> None:
     body = (
         f"Grocery Store data set: trained on `train` (2,640 photos), measured on all of `val` "
         f"(296 photos, 81 products, 43 categories). Batch {args.batch_size}, SGD lr "
-        f"{args.lr} (heads x10), cosine schedule; INT8 is ONNX Runtime static {q['format']}, "
+        f"{args.lr} (heads x10), cosine schedule, CosFace margin {TrainConfig.margin}, "
+        f"catalog photos as extra views x{TrainConfig.reference_views} (the recipe of "
+        f"bench/recipe.py); INT8 is ONNX Runtime static {q['format']}, "
         f"{q['weights']} weights, {q['activations']} activations, {q['calibration']} "
         f"calibration on {q['calibration_photos']} training photos, FP32: {q['fp32_layers']}. "
         "`train min` is wall-clock, photo checks included; on a shared machine it varies with "

@@ -42,10 +42,11 @@ from device.pipeline import Pipeline
 from models.bundle import Bundle
 from models.preprocess import load_image, prepare
 from models.tables import format_markdown_table, format_table
+from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
 from trainer.ingest import is_list_layout, read_layout
 from trainer.metrics import auroc, far_at_tar, topk_accuracy
-from trainer.train import TrainConfig, train
+from trainer.train import train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
 ENROL_PHOTOS = 5

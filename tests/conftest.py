@@ -36,9 +36,10 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
     from device.catalog import Catalog
     from device.importers import read_products
     from device.pipeline import Pipeline
+    from trainer.config import TrainConfig
     from trainer.export import ExportConfig, export
     from trainer.synthetic import generate_demo
-    from trainer.train import TrainConfig, train
+    from trainer.train import train
 
     root = tmp_path_factory.mktemp("demo")
     generate_demo(root / "data", products=12, train=20, val=5, scans=8, size=160, seed=7)

@@ -22,12 +22,13 @@ from device.importers import read_products
 from device.pipeline import Pipeline
 from models.bundle import Bundle, load_bundle
 from models.recognizer import Recognizer, build_backbone
+from trainer.config import TrainConfig
 from trainer.errors import DataError
 from trainer.export import ExportConfig, export
 from trainer.ingest import DataSet, IngestReport, describe, drop_products, read_layout
 from trainer.metrics import micro_f1, multi_hot
 from trainer.synthetic import generate_demo
-from trainer.train import TrainConfig, load_checkpoint, train
+from trainer.train import load_checkpoint, train
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,8 @@ def test_export_refuses_a_bundle_below_min_agreement(trained_demo: TrainedDemo,
 
 
 def test_resume_continues_after_the_last_epoch(trained_demo: TrainedDemo, tmp_path: Path) -> None:
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
+    from trainer.train import train
 
     cfg = TrainConfig(data=str(trained_demo.data), out=str(tmp_path), size=64, epochs=1,
                       batch_size=32, weights="none")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.config import TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import drop_products, read_layout, read_references
 from trainer.synthetic import generate_demo
-from trainer.train import TrainConfig, cutmix, load_checkpoint, train, update_ema
+from trainer.train import cutmix, load_checkpoint, train, update_ema
 
 
 @pytest.fixture(scope="module")

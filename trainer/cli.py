@@ -10,6 +10,7 @@ import argparse
 from dataclasses import fields
 
 from models.weights import WeightsError
+from trainer.config import TrainConfig
 from trainer.errors import DataError, ExportError, TrainExtraMissing
 
 
@@ -32,7 +33,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _need_torch()
-    from trainer.train import TrainConfig, train
+    from trainer.train import train
 
     names = {f.name for f in fields(TrainConfig)}
     train(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
@@ -97,15 +98,16 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--embed-dim", type=int, default=256)
-    p.add_argument("--margin", type=float, default=0.0,
+    p.add_argument("--margin", type=float, default=TrainConfig.margin,
                    help="CosFace cosine margin of the product head (metric learning)")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--cutmix", type=float, default=0.0, help="share of CutMix batches")
-    p.add_argument("--ema", type=float, default=0.0,
+    p.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
+    p.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
+                   help="share of CutMix batches")
+    p.add_argument("--ema", type=float, default=TrainConfig.ema,
                    help="decay of an exponential moving average of the weights (0 = off)")
-    p.add_argument("--probe-epochs", type=int, default=0,
+    p.add_argument("--probe-epochs", type=int, default=TrainConfig.probe_epochs,
                    help="first epochs train the heads only, on a frozen backbone")
-    p.add_argument("--reference-views", type=int, default=0,
+    p.add_argument("--reference-views", type=int, default=TrainConfig.reference_views,
                    help="catalog reference photos join each epoch this many times")
     p.add_argument("--attribute-weight", type=float, default=0.5,
                    help="weight of the attribute head's loss when the catalog has attribute "

@@ -23,9 +23,10 @@ from torch import nn
 from device.engines.ort import OrtEngine
 from models.recognizer import build_backbone
 from models.tables import format_markdown_table, format_table
+from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
 from trainer.ingest import read_layout
-from trainer.train import TrainConfig, load_checkpoint, train
+from trainer.train import load_checkpoint, train
 
 # Result field -> table column. Accuracy is that of the INT8 bundle, which is what the kiosk runs.
 COLUMNS = {"arch": "arch", "weights": "weights", "int8_top1": "INT8 top-1",

@@ -8,8 +8,9 @@ cosine schedule after a short warm-up. A checkpoint is written each epoch (`last
 The product head is a cosine classifier, so its loss is a metric-learning loss (normalised
 softmax); `margin` turns it into CosFace, pulling each product's photos tighter around its
 prototype, which is what nearest-reference matching and the "unknown" threshold rely on. The
-other recipe switches (label smoothing, CutMix, weight EMA, a frozen-backbone probe phase,
-catalog photos as extra views) are off by default; docs/BENCHMARKS.md says which pay.
+defaults are the recipe bench/recipe.py found to pay on the Grocery Store data (the margin, and
+the catalog photos as extra views); label smoothing, CutMix, weight EMA and a frozen-backbone
+probe phase are there, off, with their numbers in docs/BENCHMARKS.md.
 
 When the catalog labels products with attributes (see trainer/ingest.py), the model gets a
 multi-label attribute head trained with `attribute_weight` x binary cross-entropy against its
@@ -24,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,41 +36,10 @@ from tqdm import tqdm
 from models.preprocess import InputSpec, prepare, resize_shorter
 from models.recognizer import Recognizer, build_recognizer, input_spec
 from trainer.augment import augment
+from trainer.config import TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import DataSet, Labels, Split, describe, ingest
 from trainer.metrics import Report, evaluate_scores, micro_f1, multi_hot
-
-
-@dataclass
-class TrainConfig:
-    data: str  # folder tree or Grocery-Store list files, see trainer/ingest.py
-    out: str = "runs/model"
-    arch: str = "efficientnet_lite0"
-    weights: str = "imagenet"  # imagenet | none | path to a backbone checkpoint
-    size: int = 224  # network input side
-    embed_dim: int = 256
-    scale: float = 16.0  # cosine-softmax temperature of the product head
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.01  # backbone; the freshly initialised heads learn 10x faster
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
-    coarse_weight: float = 0.5  # share of the category loss next to the product loss
-    attribute_weight: float = 0.5  # attribute-head loss, when the catalog has attributes (0: off)
-    margin: float = 0.0  # CosFace additive cosine margin on the product head
-    label_smoothing: float = 0.0
-    cutmix: float = 0.0  # share of batches mixed with CutMix
-    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
-    probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
-    reference_views: int = 0  # each catalog reference photo joins each epoch this many times
-    holdout: str = ""  # comma-separated products left out entirely (enrolment experiments)
-    seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = all cores
-    device: str = "auto"  # auto = cuda when a GPU is there, else cpu
-    resume: bool = False
-
 
 # --- data --------------------------------------------------------------------------------------
 

@@ -1,0 +1,37 @@
+"""What `storyscan train` can be told, apart from the loop, so the CLI can show the defaults
+without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    data: str  # folder tree or Grocery-Store list files, see trainer/ingest.py
+    out: str = "runs/model"
+    arch: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | path to a backbone checkpoint
+    size: int = 224  # network input side
+    embed_dim: int = 256
+    scale: float = 16.0  # cosine-softmax temperature of the product head
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01  # backbone; the freshly initialised heads learn 10x faster
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    coarse_weight: float = 0.5  # share of the category loss next to the product loss
+    attribute_weight: float = 0.5  # attribute-head loss, when the catalog has attributes (0: off)
+    margin: float = 0.2  # CosFace additive cosine margin on the product head
+    label_smoothing: float = 0.0
+    cutmix: float = 0.0  # share of batches mixed with CutMix
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
+    probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
+    reference_views: int = 4  # each catalog reference photo joins each epoch this many times
+    holdout: str = ""  # comma-separated products left out entirely (enrolment experiments)
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    device: str = "auto"  # auto = cuda when a GPU is there, else cpu
+    resume: bool = False
