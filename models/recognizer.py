@@ -100,6 +100,26 @@ class Recognizer(nn.Module):
         return [*self.neck.parameters(), self.fine, *self.coarse.parameters(), *extra]
 
 
+class FlipAveraged(nn.Module):
+    """A recognizer that sees each photo and its mirror image and averages the two pooled
+    features before the heads: test-time augmentation inside the exported graph, so every
+    engine (ONNX Runtime, TensorRT) runs it with no code of its own, and reference photos and
+    scans are embedded the same way. One pass over a doubled batch."""
+
+    def __init__(self, model: Recognizer) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.model.output_names
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.model.backbone.forward_features(torch.cat([x, x.flip(3)]))
+        n = x.shape[0]
+        return self.model.heads((f[:n] + f[n:]) / 2)
+
+
 def build_recognizer(arch: str, num_fine: int, num_coarse: int, weights: str = "imagenet",
                      embed_dim: int = 256, scale: float = 16.0,
                      num_attributes: int = 0) -> Recognizer:

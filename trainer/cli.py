@@ -142,6 +142,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    default="minmax")
     p.add_argument("--fp32-convs", type=int, default=0,
                    help="keep the first N convolutions in FP32 (see docs/BENCHMARKS.md)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="do not average each photo with its mirror image (half the inference)")
     p.add_argument("--min-agreement", type=float, default=0.99,
                    help="refuse below this INT8-vs-FP32 top-1 agreement on val")
     p.add_argument("--force", action="store_true", help="write the bundle even below it")

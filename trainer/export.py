@@ -41,7 +41,7 @@ from device.engines.ort import OrtEngine
 from device.matcher import Matcher
 from models.bundle import ATTRIBUTES, Bundle, logit, write_bundle
 from models.preprocess import InputSpec, prepare
-from models.recognizer import Recognizer
+from models.recognizer import FlipAveraged, Recognizer
 from trainer.errors import ExportError
 from trainer.ingest import IngestReport, Split, drop_products, load_split, read_layout
 from trainer.metrics import evaluate_scores, micro_f1, multi_hot, threshold_at_tar
@@ -65,11 +65,12 @@ class ExportConfig:
     calibration_photos: int = 256
     calibration: str = "minmax"
     fp32_convs: int = 0
+    flip: bool = True  # average each photo with its mirror image inside the model
     min_agreement: float = 0.99
     force: bool = False
 
 
-def export_onnx(model: Recognizer, spec: InputSpec, path: Path) -> None:
+def export_onnx(model: Recognizer | FlipAveraged, spec: InputSpec, path: Path) -> None:
     """FP32 ONNX with a dynamic batch axis and the model's named outputs (embedding, fine,
     coarse, and attributes when it has that head)."""
     model.eval()
@@ -202,7 +203,7 @@ def export(cfg: ExportConfig) -> Bundle:
         fp32, int8, protos = Path(tmp) / "model_fp32.onnx", Path(tmp) / "model_int8.onnx", \
             Path(tmp) / "prototypes.npy"
         print(f"exporting ONNX FP32 (opset {OPSET})")
-        export_onnx(model, spec, fp32)
+        export_onnx(FlipAveraged(model) if cfg.flip else model, spec, fp32)
         print(f"calibrating INT8 on {len(calib)} training photos ({cfg.calibration})")
         options = QuantOptions(calibration=cfg.calibration, fp32_convs=cfg.fp32_convs)
         quantize_int8(fp32, int8, calib.images, options)
@@ -258,6 +259,7 @@ def export(cfg: ExportConfig) -> Bundle:
             "quantization": {**options.describe(), "calibration_photos": len(calib)},
             "metrics": metrics,
             "training": {"epochs": ckpt["epoch"], "data": str(cfg.data)},
+            "test_time": "flip-average" if cfg.flip else "none",
         }
         bundle = write_bundle(cfg.out, manifest, {fp32.name: fp32, int8.name: int8,
                                                   protos.name: protos})
