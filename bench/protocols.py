@@ -36,7 +36,6 @@ import numpy as np
 from bench.report import write_section
 from device.catalog import Catalog, Product
 from device.engines import open_engine
-from device.importers import read_products
 from device.matcher import Matcher, hash_recall
 from device.pipeline import Pipeline
 from models.bundle import Bundle
@@ -44,7 +43,7 @@ from models.preprocess import load_image, prepare
 from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
-from trainer.ingest import is_list_layout, read_layout
+from trainer.ingest import catalog_products, read_layout
 from trainer.metrics import auroc, far_at_tar, topk_accuracy
 from trainer.train import train
 
@@ -56,12 +55,6 @@ NOT_TRAINING_OPTIONS = {"data", "out", "holdout", "resume", "device"}
 def held_out_products(fine: list[str], every: int) -> list[str]:
     """Every `every`-th product starting with the second (ids 1, 5, 9, ...: 20 of 81)."""
     return fine[1::every]
-
-
-def catalog_products(data: Path) -> list[Product]:
-    """The shop's catalog for `data`: Grocery classes.csv (iconic photo + description), or a
-    folder tree's catalog/ subtree."""
-    return read_products(data / "classes.csv" if is_list_layout(data) else data / "catalog")
 
 
 def train_and_export(cfg: TrainConfig, checkpoint: Path | None, out: Path, name: str

@@ -109,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="first epochs train the heads only, on a frozen backbone")
     p.add_argument("--reference-views", type=int, default=TrainConfig.reference_views,
                    help="catalog reference photos join each epoch this many times")
-    p.add_argument("--attribute-weight", type=float, default=0.5,
+    p.add_argument("--attribute-weight", type=float, default=TrainConfig.attribute_weight,
                    help="weight of the attribute head's loss when the catalog has attribute "
                         "labels (0: no attribute head)")
     p.add_argument("--holdout", default="",

@@ -45,7 +45,7 @@ from models.recognizer import FlipAveraged, Recognizer
 from trainer.errors import ExportError
 from trainer.ingest import IngestReport, Split, drop_products, load_split, read_layout
 from trainer.metrics import evaluate_scores, micro_f1, multi_hot, threshold_at_tar
-from trainer.train import load_checkpoint
+from trainer.train import holdout_products, load_checkpoint
 
 OPSET = 17
 UNKNOWN_TAR = 0.95  # share of correctly recognised val photos the unknown threshold keeps
@@ -184,7 +184,7 @@ def export(cfg: ExportConfig) -> Bundle:
     spec = InputSpec.from_dict(ckpt["input"])
     labels = ckpt["labels"]
     data_labels, train, val = read_layout(cfg.data)
-    holdout = [n for n in ckpt["config"].get("holdout", "").split(",") if n]
+    holdout = holdout_products(ckpt["config"].get("holdout", ""))
     if holdout:  # products the model was trained without stay out of calibration and checks
         data_labels, (train, val) = drop_products(data_labels, [train, val], holdout)
     if data_labels.fine != labels["fine"]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from device.catalog import CatalogError, Product
+from device.importers import read_products
 from models.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 from trainer.errors import DataError
 
@@ -212,53 +213,41 @@ def read_list_file(root: Path, list_file: Path, labels: Labels) -> Split:
     return split
 
 
-def read_references(root: str | Path, labels: Labels) -> Split:
-    """Catalog reference photos of the trained products: the Grocery `classes.csv` iconic
-    image column, or a folder tree's `catalog/` subtree. Empty when there are none."""
+def catalog_products(root: str | Path) -> list[Product]:
+    """The shop's catalog beside the training photos, read by the kiosk's own importer: the
+    Grocery `classes.csv` (iconic photo and description per product) or a folder tree's
+    `catalog/` subtree; [] when there is none."""
     root = Path(root)
+    source = root / "classes.csv" if is_list_layout(root) else root / "catalog"
+    if not source.exists():
+        return []
+    try:
+        return read_products(source)
+    except CatalogError as e:
+        raise DataError(str(e)) from None
+
+
+def read_references(root: str | Path, labels: Labels) -> Split:
+    """Catalog reference photos of the trained products. Empty when there are none."""
     refs = Split([], [], [])
-
-    def add(path: Path, product: str) -> None:
-        if product in labels.fine and path.is_file():
-            i = labels.fine.index(product)
-            refs.paths.append(path)
-            refs.fine.append(i)
-            refs.coarse.append(labels.coarse_of_fine[i])
-
-    if is_list_layout(root):
-        with open(root / "classes.csv", newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))[1:]
-        for row in rows:
-            if len(row) >= 5 and row[4].strip():
-                add(root / row[4].strip().lstrip("/"), row[0].strip())
-    elif (root / "catalog").is_dir():
-        for product, (_, folder) in _product_dirs(root / "catalog").items():
-            for path in find_images(folder):
-                add(path, product)
+    for product in catalog_products(root):
+        if product.sku not in labels.fine:
+            continue
+        i = labels.fine.index(product.sku)
+        for path in map(Path, product.images):
+            if path.is_file():
+                refs.paths.append(path)
+                refs.fine.append(i)
+                refs.coarse.append(labels.coarse_of_fine[i])
     return refs
 
 
-def _attributes_in(path: Path) -> list[str]:
-    """The `attributes` list of one product.json ([] without the key)."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    found = meta.get("attributes", []) if isinstance(meta, dict) else []
-    if not isinstance(found, list) or not all(isinstance(a, str) for a in found):
-        raise DataError(f"{path}: 'attributes' must be a list of strings")
-    return sorted({a.strip() for a in found if a.strip()})
-
-
 def read_attributes(root: str | Path, labels: Labels) -> Labels:
-    """`labels` with the attribute labels of a folder tree's catalog (`catalog/<category>/
-    <product>/product.json`); unchanged when no product has any."""
-    catalog = Path(root) / "catalog"
-    if not catalog.is_dir():
-        return labels
-    files = {f.parent.name: f for f in sorted([*catalog.glob("*/product.json"),
-                                               *catalog.glob("*/*/product.json")])}
-    named = [_attributes_in(files[p]) if p in files else [] for p in labels.fine]
+    """`labels` with the attribute labels of the catalog's products; unchanged when no
+    product has any."""
+    found = {p.sku: {a.strip() for a in p.attributes if a.strip()}
+             for p in catalog_products(root)}
+    named = [sorted(found.get(product, ())) for product in labels.fine]
     vocabulary = sorted({a for names in named for a in names})
     if not vocabulary:
         return labels
@@ -337,9 +326,10 @@ def read_layout(root: str | Path) -> tuple[Labels, Split, Split]:
         raise DataError(f"{root}: no such data folder")
     if is_list_layout(root):
         labels = read_classes_csv(root / "classes.csv")
-        return (labels, read_list_file(root, root / "train.txt", labels),
-                read_list_file(root, root / "val.txt", labels))
-    labels, train, val = read_tree(root)
+        train, val = (read_list_file(root, root / "train.txt", labels),
+                      read_list_file(root, root / "val.txt", labels))
+    else:
+        labels, train, val = read_tree(root)
     return read_attributes(root, labels), train, val
 
 

@@ -44,8 +44,9 @@ from trainer.metrics import Report, evaluate_scores, micro_f1, multi_hot
 # --- data --------------------------------------------------------------------------------------
 
 
-def holdout_products(cfg: TrainConfig) -> list[str]:
-    return [n.strip() for n in cfg.holdout.split(",") if n.strip()]
+def holdout_products(holdout: str) -> list[str]:
+    """The product names of a `--holdout` list."""
+    return [n.strip() for n in holdout.split(",") if n.strip()]
 
 
 def load_data(cfg: TrainConfig, spec: InputSpec) -> DataSet:
@@ -56,7 +57,7 @@ def load_data(cfg: TrainConfig, spec: InputSpec) -> DataSet:
                   train_transform=lambda img: resize_shorter(img, keep)
                   if min(img.shape[:2]) > keep else img,
                   val_transform=lambda img: prepare(img, spec),
-                  holdout=holdout_products(cfg))
+                  holdout=holdout_products(cfg.holdout))
     if not cfg.attribute_weight:
         data.labels = replace(data.labels, attributes=[], attributes_of_fine=[])
     return data
