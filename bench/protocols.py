@@ -23,6 +23,7 @@ tables go to stdout and to docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ from device.pipeline import Pipeline
 from models.bundle import Bundle
 from models.preprocess import load_image, prepare
 from models.tables import format_markdown_table, format_table
-from trainer.config import TrainConfig
+from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.export import ExportConfig, export
 from trainer.ingest import catalog_products, read_layout
 from trainer.metrics import auroc, far_at_tar, topk_accuracy
@@ -57,14 +58,19 @@ def held_out_products(fine: list[str], every: int) -> list[str]:
     return fine[1::every]
 
 
-def train_and_export(cfg: TrainConfig, checkpoint: Path | None, out: Path, name: str
-                     ) -> tuple[Bundle, float | None]:
-    """Train (unless a checkpoint is given) and export; the training minutes or None."""
+def train_and_export(cfg: TrainConfig, checkpoint: Path | None, out: Path, name: str,
+                     feature_weight: float) -> tuple[Bundle, float | None]:
+    """Train (unless a checkpoint is given) and export; the training minutes (of a reused
+    checkpoint: its epochs' minutes from the history.json beside it, or None)."""
     t0 = time.time()
     best = checkpoint or train(cfg)
-    minutes = None if checkpoint else (time.time() - t0) / 60
+    minutes = (time.time() - t0) / 60
+    if checkpoint:
+        history = checkpoint.parent / "history.json"
+        minutes = (sum(h["seconds"] for h in json.loads(history.read_text())) / 60
+                   if history.is_file() else None)
     bundle = export(ExportConfig(checkpoint=str(best), data=cfg.data, out=str(out / name),
-                                 name=name, force=True))
+                                 name=name, force=True, feature_weight=feature_weight))
     return bundle, minutes
 
 
@@ -140,6 +146,8 @@ def main() -> None:
     p.add_argument("--holdout-every", type=int, default=4)
     p.add_argument("--closed-checkpoint", type=Path, help="reuse: trained on every product")
     p.add_argument("--held-out-checkpoint", type=Path, help="reuse: trained without held-out")
+    p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
+                   help="export option: share of backbone features in the matched embedding")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     for f in fields(TrainConfig):
         if f.name not in NOT_TRAINING_OPTIONS and f.default is not MISSING:
@@ -159,10 +167,11 @@ def main() -> None:
 
     closed_bundle, closed_min = train_and_export(
         TrainConfig(data=str(args.data), out=str(args.out / "closed"), **recipe),
-        args.closed_checkpoint, args.out, "closed-bundle")
+        args.closed_checkpoint, args.out, "closed-bundle", args.feature_weight)
     held_bundle, held_min = train_and_export(
         TrainConfig(data=str(args.data), out=str(args.out / "held-out"), holdout=",".join(held),
-                    **recipe), args.held_out_checkpoint, args.out, "held-out-bundle")
+                    **recipe), args.held_out_checkpoint, args.out, "held-out-bundle",
+        args.feature_weight)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -200,6 +209,9 @@ def main() -> None:
 
     recipe_text = ", ".join(f"{k}={v}" for k, v in recipe.items()
                             if getattr(TrainConfig, k, None) != v)
+    if args.feature_weight != FEATURE_WEIGHT:
+        recipe_text += f"{', ' if recipe_text else ''}exported with feature weight " \
+                       f"{args.feature_weight}"
     tables = [
         ("1. Closed set: classifier heads", closed["heads"],
          ["precision", "fine top-1", "fine top-5", "coarse top-1", "macro-F1",

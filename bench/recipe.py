@@ -5,10 +5,11 @@
 Starts from the seed recipe (BN + Dropout head, class-weighted cross-entropy, SGD momentum 0.9,
 weight decay 1e-4, cosine annealing, flips, colour jitter, random crops) and adds one change per
 row. A change that raises val product top-1 is kept and the next row builds on it; one that does
-not is reported and dropped ("keep what pays"). Top-1 is the last epoch's, not the best epoch's,
-so no row is picked on val twice. The last row adds flip test-time augmentation to the final
-recipe, measured through the same `FlipAveraged` wrapper `storyscan export` builds into the
-bundle (twice the inference per scan).
+not is reported and dropped ("keep what pays"); a change made for speed (bf16, frozen stages)
+is kept when it costs at most one standard error of top-1 and makes epochs faster. Top-1 is the
+last epoch's, not the best epoch's, so no row is picked on val twice. The last row adds flip
+test-time augmentation to the final recipe, measured through the same `FlipAveraged` wrapper
+`storyscan export` builds into the bundle (twice the inference per scan).
 
 Each finished row is stored under --out, so an interrupted run picks up where it stopped. The
 table goes to stdout and to docs/BENCHMARKS.md.
@@ -40,7 +41,8 @@ COLUMNS = ["step", "change", "kept", "fine top-1", "coarse top-1", "Δ top-1 (pp
 
 # the seed recipe: every switch off (TrainConfig's defaults are the recipe this bench kept)
 SEED = {"margin": 0.0, "label_smoothing": 0.0, "cutmix": 0.0, "ema": 0.0, "probe_epochs": 0,
-        "reference_views": 0}
+        "reference_views": 0, "precision": "fp32", "frozen_stages": 0}
+SPEED_STEPS = {"bf16", "frozen"}  # judged by time at (nearly) equal accuracy
 # (name, description, changes on top of the recipe kept so far)
 STEPS: list[tuple[str, str, dict]] = [
     ("seed", "seed recipe", {}),
@@ -50,6 +52,9 @@ STEPS: list[tuple[str, str, dict]] = [
     ("references", "catalog (iconic) photos as extra views, x4", {"reference_views": 4}),
     ("probe", "1 epoch heads-only probe before fine-tuning", {"probe_epochs": 1}),
     ("cutmix", "CutMix on half the batches", {"cutmix": 0.5}),
+    ("bf16", "bf16 autocast (FP32 master weights)", {"precision": "bf16"}),
+    ("frozen", "stem and first 2 block stages frozen at ImageNet", {"frozen_stages": 3}),
+    ("lite2", "EfficientNet-Lite2 backbone", {"arch": "efficientnet_lite2"}),
 ]
 
 
@@ -95,7 +100,7 @@ def main() -> None:
 
     base = TrainConfig(data=str(args.data), arch=args.arch, size=args.size, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, **SEED)
-    kept, rows, prev_top1 = base, [], None
+    kept, rows, prev_top1, prev_fastest = base, [], None, float("inf")
     wanted = args.steps.split(",")
     for name, description, change in [s for s in STEPS if s[0] in wanted]:
         cfg = replace(kept, out=str(args.out / name), **change)
@@ -107,7 +112,12 @@ def main() -> None:
             (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
             print(f"{name}: {time.time() - t0:.0f} s")
         v = final_val(run)
-        better = prev_top1 is None or v["fine_top1"] > prev_top1
+        if name in SPEED_STEPS and prev_top1 is not None:
+            se = (prev_top1 * (1 - prev_top1) / v["n"]) ** 0.5
+            better = (v["fine_top1"] >= prev_top1 - se
+                      and v["fastest_epoch"] < prev_fastest)
+        else:
+            better = prev_top1 is None or v["fine_top1"] > prev_top1
         rows.append({"step": name, "change": description, "kept": "yes" if better else "no",
                      "fine top-1": v["fine_top1"], "coarse top-1": v["coarse_top1"],
                      "Δ top-1 (pp)": None if prev_top1 is None
@@ -115,7 +125,7 @@ def main() -> None:
                      "train min": v["train_seconds"] / 60,
                      "fastest epoch s": v["fastest_epoch"]})
         if better:
-            kept, prev_top1, best_run = cfg, v["fine_top1"], run
+            kept, prev_top1, prev_fastest, best_run = cfg, v["fine_top1"], v["fastest_epoch"], run
     if not rows:
         raise SystemExit(f"no such steps: {args.steps}")
     tta = flip_tta(best_run, kept)

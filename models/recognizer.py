@@ -1,7 +1,12 @@
 """The recognition network: an ImageNet backbone with three heads, and an optional fourth.
 
 - embedding: L2-normalised vector (default 256-d); products are recognised by the nearest
-  reference embedding, so a product enrolled from a few photos needs no retraining;
+  reference embedding, so a product enrolled from a few photos needs no retraining. With a
+  `feature_weight` w > 0 it is the trained embedding joined with the backbone's pooled
+  features, each unit length and weighted so that the cosine of two such embeddings is
+  (1 - w) x cosine(trained) + w x cosine(features): the trained part separates the products
+  it was trained on, the features keep what it had no reason to learn, which is what tells a
+  product it never saw from its neighbours;
 - fine: product logits of a cosine classifier (normalised softmax), whose class weights are
   themselves unit embeddings: the bundle ships them as one prototype per trained product;
 - coarse: category logits from the backbone features;
@@ -11,6 +16,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +34,8 @@ ARCHITECTURES = {
     "resnet50": (resnet.resnet50, resnet),
     "resnet101": (resnet.resnet101, resnet),
     "efficientnet_lite0": (efficientnet_lite.efficientnet_lite0, efficientnet_lite),
+    "efficientnet_lite1": (efficientnet_lite.efficientnet_lite1, efficientnet_lite),
+    "efficientnet_lite2": (efficientnet_lite.efficientnet_lite2, efficientnet_lite),
 }
 
 
@@ -60,14 +69,17 @@ BN_MOMENTUM = 0.1  # fine-tuning runs few steps: running statistics must follow 
 class Recognizer(nn.Module):
     def __init__(self, backbone: nn.Module, num_fine: int, num_coarse: int,
                  embed_dim: int = 256, scale: float = 16.0, dropout: float = 0.2,
-                 num_attributes: int = 0) -> None:
+                 num_attributes: int = 0, feature_weight: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= feature_weight < 1.0:
+            raise ValueError(f"feature_weight {feature_weight}: must be in [0, 1)")
         for m in backbone.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = BN_MOMENTUM
         self.backbone = backbone
         features = backbone.num_features
         self.scale = scale
+        self.feature_weight = feature_weight  # not a weight: chosen at export, see embed()
         self.neck = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, embed_dim),
                                   nn.BatchNorm1d(embed_dim))
         self.fine = nn.Parameter(torch.randn(num_fine, embed_dim) * 0.01)
@@ -84,13 +96,27 @@ class Recognizer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.heads(self.backbone.forward_features(x))
 
+    @property
+    def embedding_dim(self) -> int:
+        trained = self.neck[1].out_features
+        return trained + self.backbone.num_features if self.feature_weight else trained
+
     def heads(self, f: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(embedding, fine, coarse[, attributes]) from pooled backbone features."""
-        embedding = F.normalize(self.neck(f), dim=1)
-        fine = self.scale * embedding @ self.prototypes().t()
+        trained = F.normalize(self.neck(f), dim=1)
+        fine = self.scale * trained @ self.prototypes().t()
+        embedding = self.embed(trained, f)
         if self.attributes is None:
             return embedding, fine, self.coarse(f)
         return embedding, fine, self.coarse(f), self.attributes(f)
+
+    def embed(self, trained: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The matching embedding from the unit trained embedding and the pooled features."""
+        if not self.feature_weight:
+            return trained
+        w = self.feature_weight
+        return torch.cat([math.sqrt(1 - w) * trained,
+                          math.sqrt(w) * F.normalize(features, dim=1)], dim=1)
 
     def prototypes(self) -> torch.Tensor:
         return F.normalize(self.fine, dim=1)

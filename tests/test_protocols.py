@@ -28,3 +28,14 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
         assert title in out
     assert "5 training photos" in out and "catalog (iconic) photo" in out
     assert "top-2 categories" in out and "64 of" in out
+
+    # the held-out model it trained is what bench/feature_weight.py chooses the weight with
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "feature_weight.py"), "--data", tmp_path / "data",
+         "--checkpoint", tmp_path / "runs" / "held-out" / "best.pt", "--no-docs"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.split("feature weight")[-1]
+    assert table.count("yes") == 1  # exactly one weight chosen
+    for column in ("tune: 5 photos", "tune: catalog photo", "val: unknown AUROC"):
+        assert column in result.stdout

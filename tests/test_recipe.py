@@ -13,7 +13,7 @@ from trainer.config import TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import drop_products, read_layout, read_references
 from trainer.synthetic import generate_demo
-from trainer.train import cutmix, load_checkpoint, train, update_ema
+from trainer.train import cutmix, freeze_stages, load_checkpoint, pick_precision, train, update_ema
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,75 @@ def test_resume_with_other_options_is_refused(tiny: Path, tmp_path: Path) -> Non
     with pytest.raises(DataError, match="trained with other size"):
         train(TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=80, epochs=2,
                           batch_size=8, resume=True))
+
+
+def test_frozen_stages_keep_imagenet_weights_and_statistics(tiny: Path, tmp_path: Path) -> None:
+    from models.recognizer import build_backbone
+
+    cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=1,
+                      batch_size=8, frozen_stages=2)
+    train(cfg)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_model"]
+    imagenet = build_backbone("efficientnet_lite0")
+    stages = imagenet.stages()
+    names = {id(m): n for n, m in imagenet.named_modules()}
+
+    def state(stage: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+        return {f"backbone.{names[id(m)]}.{k}": v for m in stage
+                for k, v in m.state_dict().items()}
+
+    frozen = {k: v for stage in stages[:2] for k, v in state(stage).items()}
+    assert any("running_mean" in k for k in frozen)  # BatchNorm statistics are checked too
+    assert all(torch.equal(last[k], v) for k, v in frozen.items())
+    trained = state(stages[2])
+    assert not all(torch.equal(last[k], v) for k, v in trained.items())
+
+
+def test_freezing_more_stages_than_the_backbone_has_is_refused() -> None:
+    from models.recognizer import build_recognizer
+
+    model = build_recognizer("resnet18", 3, 2, weights="none")
+    with pytest.raises(DataError, match="--frozen-stages 5: the backbone has 5 stages"):
+        freeze_stages(model, 5)
+    assert len(freeze_stages(model, 2)) == 3  # conv1, bn1, layer1
+    assert not model.backbone.layer1[0].conv1.weight.requires_grad
+    assert model.backbone.layer2[0].conv1.weight.requires_grad
+
+
+def test_precision_bf16_only_where_native() -> None:
+    cpu = torch.device("cpu")
+    assert pick_precision("fp32", cpu) is None
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert pick_precision("auto", cpu) == (torch.bfloat16 if native else None)
+    if not native:
+        with pytest.raises(DataError, match="no native bf16"):
+            pick_precision("bf16", cpu)
+
+
+def test_cli_arch_choices_are_the_buildable_architectures() -> None:
+    from models.recognizer import ARCHITECTURES
+    from trainer.config import ARCHS
+
+    assert set(ARCHS) == set(ARCHITECTURES)
+
+
+def test_fp32_training_of_the_whole_backbone(tiny: Path, tmp_path: Path) -> None:
+    best = train(TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=1,
+                             batch_size=8, precision="fp32", frozen_stages=0))
+    assert best.is_file()
+
+
+@pytest.mark.slow
+def test_train_speed_bench_prints_every_variant() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--arch", "efficientnet_lite0",
+         "--size", "64", "--batch-size", "4", "--rounds", "1", "--no-docs"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for variant in ("FP32, contiguous (before)", "channels-last + bf16 + 3 stages frozen"):
+        assert variant in result.stdout

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import fields
 
 from models.weights import WeightsError
-from trainer.config import TrainConfig
+from trainer.config import ARCHS, FEATURE_WEIGHT, PRECISIONS, TrainConfig
 from trainer.errors import DataError, ExportError, TrainExtraMissing
 
 
@@ -89,8 +89,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--data", required=True,
                    help="folder tree (train/ and val/) or Grocery-Store-style list files")
     p.add_argument("--out", default="runs/model", help="checkpoint folder")
-    p.add_argument("--arch", default="efficientnet_lite0",
-                   choices=["resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0"])
+    p.add_argument("--arch", default=TrainConfig.arch, choices=ARCHS)
     p.add_argument("--weights", default="imagenet",
                    help="imagenet, none (random init) or a backbone checkpoint file")
     p.add_argument("--size", type=int, default=224, help="network input side")
@@ -107,6 +106,11 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="decay of an exponential moving average of the weights (0 = off)")
     p.add_argument("--probe-epochs", type=int, default=TrainConfig.probe_epochs,
                    help="first epochs train the heads only, on a frozen backbone")
+    p.add_argument("--frozen-stages", type=int, default=TrainConfig.frozen_stages,
+                   help="leading backbone stages kept at their ImageNet weights (the stem is "
+                        "stage 0; 0 trains everything)")
+    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                   help="bf16 autocast or fp32 training; auto = bf16 where the hardware has it")
     p.add_argument("--reference-views", type=int, default=TrainConfig.reference_views,
                    help="catalog reference photos join each epoch this many times")
     p.add_argument("--attribute-weight", type=float, default=TrainConfig.attribute_weight,
@@ -144,6 +148,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="keep the first N convolutions in FP32 (see docs/BENCHMARKS.md)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="do not average each photo with its mirror image (half the inference)")
+    p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
+                   help="share of the backbone's pooled features in the embedding the kiosk "
+                        "matches (0: the trained embedding alone)")
     p.add_argument("--min-agreement", type=float, default=0.99,
                    help="refuse below this INT8-vs-FP32 top-1 agreement on val")
     p.add_argument("--force", action="store_true", help="write the bundle even below it")

@@ -5,6 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# what `--arch` accepts; models.recognizer.ARCHITECTURES builds them (a test keeps the two equal)
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0",
+         "efficientnet_lite1", "efficientnet_lite2")
+PRECISIONS = ("auto", "bf16", "fp32")
+# `storyscan export --feature-weight`: share of the backbone's pooled features in the embedding
+# the kiosk matches (models/recognizer.py); 0 = the trained embedding alone
+FEATURE_WEIGHT = 0.0
+
 
 @dataclass
 class TrainConfig:
@@ -29,6 +37,12 @@ class TrainConfig:
     cutmix: float = 0.0  # share of batches mixed with CutMix
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
+    # leading backbone stages (the stem is stage 0) kept at their ImageNet weights and
+    # statistics: generic edges and blobs need no retraining, and the high-resolution layers
+    # cost most of a step's backward pass (ignored with weights "none")
+    frozen_stages: int = 3
+    # bf16 autocast (weights stay FP32); auto = bf16 where the CPU or GPU computes it natively
+    precision: str = "auto"
     reference_views: int = 4  # each catalog reference photo joins each epoch this many times
     holdout: str = ""  # comma-separated products left out entirely (enrolment experiments)
     seed: int = 0

@@ -42,10 +42,11 @@ from device.matcher import Matcher
 from models.bundle import ATTRIBUTES, Bundle, logit, write_bundle
 from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged, Recognizer
+from trainer.config import FEATURE_WEIGHT
 from trainer.errors import ExportError
 from trainer.ingest import IngestReport, Split, drop_products, load_split, read_layout
 from trainer.metrics import evaluate_scores, micro_f1, multi_hot, threshold_at_tar
-from trainer.train import holdout_products, load_checkpoint
+from trainer.train import holdout_products, load_checkpoint, predict
 
 OPSET = 17
 UNKNOWN_TAR = 0.95  # share of correctly recognised val photos the unknown threshold keeps
@@ -68,6 +69,7 @@ class ExportConfig:
     flip: bool = True  # average each photo with its mirror image inside the model
     min_agreement: float = 0.99
     force: bool = False
+    feature_weight: float = FEATURE_WEIGHT
 
 
 def export_onnx(model: Recognizer | FlipAveraged, spec: InputSpec, path: Path) -> None:
@@ -104,6 +106,9 @@ class QuantOptions:
     symmetric_activations: bool = False
     per_channel: bool = True  # one weight scale per output channel
     fp32_convs: int = 0  # leading convolutions kept in FP32 (where quantisation hurts most)
+    # depthwise convolutions kept in FP32 (one filter per channel meets one activation scale
+    # for all channels); measured worse than all-INT8 by bench/int8_fidelity.py, not exported
+    fp32_depthwise: bool = False
 
     def describe(self) -> dict:
         return {"format": "QDQ",
@@ -111,19 +116,26 @@ class QuantOptions:
                 "activations": "int8 symmetric" if self.symmetric_activations
                 else "uint8 asymmetric",
                 "calibration": self.calibration,
-                "fp32_layers": f"first {self.fp32_convs} convolutions and the heads"
-                if self.fp32_convs else "heads"}
+                "fp32_layers": " and ".join(
+                    ([f"first {self.fp32_convs} convolutions"] if self.fp32_convs else [])
+                    + (["depthwise convolutions"] if self.fp32_depthwise else [])
+                    + ["the heads"])}
 
 
-def fp32_nodes(model: onnx.ModelProto, leading_convs: int) -> list[str]:
-    """Nodes kept in FP32: the first `leading_convs` convolutions, and everything from the
-    global pooling on (every head, the attribute head too), so embeddings stay precise."""
+def fp32_nodes(model: onnx.ModelProto, options: QuantOptions) -> list[str]:
+    """Nodes kept in FP32: the first `fp32_convs` convolutions, the depthwise ones if asked,
+    and everything from the global pooling on (every head, the attribute head too), so
+    embeddings stay precise."""
     nodes = model.graph.node
     pools = [i for i, n in enumerate(nodes) if n.op_type == "GlobalAveragePool"]
     if not pools:
         raise ExportError("exported network has no GlobalAveragePool: cannot find its heads")
-    convs = [n.name for n in nodes if n.op_type == "Conv"][:leading_convs]
-    return convs + [n.name for n in nodes[pools[0]:]]
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    keep = [n.name for n in convs[: options.fp32_convs]]
+    if options.fp32_depthwise:
+        keep += [n.name for n in convs[options.fp32_convs :] if any(
+            a.name == "group" and a.i > 1 for a in n.attribute)]
+    return keep + [n.name for n in nodes[pools[0]:]]
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray],
@@ -136,7 +148,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray],
                         activation_type=QuantType.QInt8 if options.symmetric_activations
                         else QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
-                        nodes_to_exclude=fp32_nodes(onnx.load(str(pre)), options.fp32_convs),
+                        nodes_to_exclude=fp32_nodes(onnx.load(str(pre)), options),
                         calibrate_method=CALIBRATION_METHODS[options.calibration],
                         extra_options={"ActivationSymmetric": options.symmetric_activations,
                                        "WeightSymmetric": True})
@@ -155,6 +167,26 @@ def calibration_subset(split: Split, count: int, num_classes: int) -> Split:
                 picked.append(members[depth])
         depth += 1
     return split.subset(sorted(picked))
+
+
+def kiosk_prototypes(model: Recognizer, runner: Recognizer | FlipAveraged, train: Split
+                     ) -> np.ndarray:
+    """One matching embedding per trained product ([fine, dim] float32): its learned prototype,
+    joined, when the model has a feature weight, with the normalised mean of its training
+    photos' pooled features as `runner` (the exported network) computes them."""
+    protos = model.prototypes().detach().numpy()
+    if not model.feature_weight:
+        return protos.astype(np.float32)
+    labels = np.array(train.fine)
+    missing = sorted(set(range(len(protos))) - set(labels.tolist()))
+    if missing:
+        raise ExportError(f"{len(missing)} trained products have no training photos to "
+                          "average their features over; export with --feature-weight 0")
+    features = predict(runner, train.images)["embedding"][:, protos.shape[1]:]
+    means = np.stack([features[labels == c].mean(0) for c in range(len(protos))])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    w = model.feature_weight
+    return np.concatenate([np.sqrt(1 - w) * protos, np.sqrt(w) * means], 1).astype(np.float32)
 
 
 def known_similarities(embeddings: np.ndarray, labels: np.ndarray, fine: list[str],
@@ -181,6 +213,10 @@ def calibrate_unknown(known: np.ndarray) -> dict[str, float]:
 
 def export(cfg: ExportConfig) -> Bundle:
     model, ckpt = load_checkpoint(cfg.checkpoint)
+    if not 0.0 <= cfg.feature_weight < 1.0:
+        raise ExportError(f"--feature-weight {cfg.feature_weight}: must be at least 0 and "
+                          "below 1")
+    model.feature_weight = cfg.feature_weight
     spec = InputSpec.from_dict(ckpt["input"])
     labels = ckpt["labels"]
     data_labels, train, val = read_layout(cfg.data)
@@ -195,6 +231,9 @@ def export(cfg: ExportConfig) -> Bundle:
     calib = load_split(calibration_subset(train, cfg.calibration_photos, len(labels["fine"])),
                        to_input, report, seen, "calibration photos")
     val = load_split(val, to_input, report, seen, "validation photos")
+    # every training photo, for the products' mean features (calibration ones included)
+    train = load_split(train, to_input, IngestReport(), {}, "training photos") \
+        if cfg.feature_weight else None
     if not len(calib) or not len(val):
         raise ExportError(f"{cfg.data}: needs training photos to calibrate and validation "
                           f"photos to check INT8 ({report.summary()})")
@@ -203,11 +242,15 @@ def export(cfg: ExportConfig) -> Bundle:
         fp32, int8, protos = Path(tmp) / "model_fp32.onnx", Path(tmp) / "model_int8.onnx", \
             Path(tmp) / "prototypes.npy"
         print(f"exporting ONNX FP32 (opset {OPSET})")
-        export_onnx(FlipAveraged(model) if cfg.flip else model, spec, fp32)
+        runner = FlipAveraged(model) if cfg.flip else model
+        export_onnx(runner, spec, fp32)
         print(f"calibrating INT8 on {len(calib)} training photos ({cfg.calibration})")
         options = QuantOptions(calibration=cfg.calibration, fp32_convs=cfg.fp32_convs)
         quantize_int8(fp32, int8, calib.images, options)
-        np.save(protos, model.prototypes().detach().numpy().astype(np.float32))
+        if train is not None:
+            print(f"averaging product features over {len(train)} training photos "
+                  f"(feature weight {cfg.feature_weight})")
+        np.save(protos, kiosk_prototypes(model, runner, train))
 
         print(f"checking INT8 against FP32 on {len(val)} validation photos")
         y_fine, y_coarse = np.array(val.fine), np.array(val.coarse)
@@ -246,7 +289,8 @@ def export(cfg: ExportConfig) -> Bundle:
             "architecture": ckpt["config"]["arch"],
             "input": spec.to_dict(),
             "heads": {
-                "embedding": {"output": "embedding", "dim": int(ckpt["config"]["embed_dim"])},
+                "embedding": {"output": "embedding", "dim": model.embedding_dim,
+                              "feature_weight": cfg.feature_weight},
                 "fine": {"output": "fine", "labels": labels["fine"],
                          "prototypes": protos.name, "scale": float(ckpt["config"]["scale"]),
                          **unknown},

@@ -5,6 +5,11 @@ cross-entropy on the product (fine) and category (coarse) heads, SGD with moment
 cosine schedule after a short warm-up. A checkpoint is written each epoch (`last.pt`, for
 `--resume`), and the one with the best validation product top-1 is kept as `best.pt`.
 
+Speed, on the 2-core CPUs it must train on (bench/train_speed.py): the network runs
+channels-last, in bf16 autocast where the hardware has native bf16 (master weights and
+checkpoints stay FP32), and the backbone's first `frozen_stages` stages keep their ImageNet
+weights and statistics, so autograd skips their backward pass.
+
 The product head is a cosine classifier, so its loss is a metric-learning loss (normalised
 softmax); `margin` turns it into CosFace, pulling each product's photos tighter around its
 prototype, which is what nearest-reference matching and the "unknown" threshold rely on. The
@@ -112,6 +117,31 @@ def pick_device(name: str) -> torch.device:
                         else "cpu" if name == "auto" else name)
 
 
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain FP32). bf16 only where it is native: emulated bf16 on
+    an older CPU is slower than FP32."""
+    if name == "fp32":
+        return None
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if name == "bf16" and not native:
+        raise DataError(f"--precision bf16: {device} has no native bf16; use fp32")
+    return torch.bfloat16 if native else None
+
+
+def freeze_stages(model: Recognizer, count: int) -> list[torch.nn.Module]:
+    """Stop training the backbone's first `count` stages: no gradients (autograd then skips
+    their backward pass entirely) and no BatchNorm statistics updates. Returns the frozen
+    modules, which must be put back in eval mode whenever the model is set to train."""
+    stages = model.backbone.stages()
+    if count >= len(stages):
+        raise DataError(f"--frozen-stages {count}: the backbone has {len(stages)} stages")
+    frozen = [m for stage in stages[:count] for m in stage]
+    for m in frozen:
+        m.requires_grad_(False)
+    return frozen
+
+
 @torch.no_grad()
 def predict(model: Recognizer, inputs: list[np.ndarray], batch_size: int = 64
             ) -> dict[str, np.ndarray]:
@@ -121,7 +151,8 @@ def predict(model: Recognizer, inputs: list[np.ndarray], batch_size: int = 64
     device = next(model.parameters()).device
     out: dict[str, list[np.ndarray]] = {name: [] for name in model.output_names}
     for i in range(0, len(inputs), batch_size):
-        x = torch.from_numpy(np.stack(inputs[i : i + batch_size])).to(device)
+        x = torch.from_numpy(np.stack(inputs[i : i + batch_size])).to(device).contiguous(
+            memory_format=torch.channels_last)
         for name, y in zip(out, model(x), strict=True):
             out[name].append(y.cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -181,12 +212,20 @@ def train(cfg: TrainConfig) -> Path:
     print(describe(data))
     labels: Labels = data.labels
     device = pick_device(cfg.device)
+    # channels-last: the layout oneDNN and cuDNN run convolutions fastest in (2x on CPU)
     model = build_recognizer(cfg.arch, len(labels.fine), len(labels.coarse), cfg.weights,
-                             cfg.embed_dim, cfg.scale, len(labels.attributes)).to(device)
-    print(f"training {cfg.arch} at {cfg.size} px on {device}")
+                             cfg.embed_dim, cfg.scale, len(labels.attributes)
+                             ).to(device, memory_format=torch.channels_last)
+    # random weights have nothing worth keeping: a network trained from scratch trains whole
+    frozen = freeze_stages(model, cfg.frozen_stages if cfg.weights != "none" else 0)
+    autocast = pick_precision(cfg.precision, device)
+    print(f"training {cfg.arch} at {cfg.size} px on {device} in "
+          f"{'bf16 autocast' if autocast else 'fp32'}"
+          + (f", first {cfg.frozen_stages} backbone stages frozen" if frozen else ""))
     heads = {id(p) for p in model.head_parameters()}
     optimizer = torch.optim.SGD(
-        [{"params": [p for p in model.parameters() if id(p) not in heads], "lr_mult": 1.0},
+        [{"params": [p for p in model.parameters() if id(p) not in heads and p.requires_grad],
+          "lr_mult": 1.0},
          {"params": model.head_parameters(), "lr_mult": cfg.head_lr_mult}],
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     pool = training_pool(data, cfg.reference_views)
@@ -244,8 +283,8 @@ def train(cfg: TrainConfig) -> Path:
     for epoch in range(start_epoch, cfg.epochs):
         probing = epoch < cfg.probe_epochs  # heads only: no backward through the backbone
         model.train()
-        if probing:
-            model.backbone.eval()
+        for m in [model.backbone] if probing else frozen:
+            m.eval()
         t0, seen, loss_sum = time.time(), 0, 0.0
         bar = tqdm(batches(len(pool), cfg.batch_size, rng), desc=f"epoch {epoch + 1}/"
                    f"{cfg.epochs}", unit="batch", leave=False, disable=None)
@@ -254,13 +293,16 @@ def train(cfg: TrainConfig) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step) * group["lr_mult"]
             x = torch.from_numpy(np.stack([augment(pool.images[j], spec, rng)
-                                           for j in idx])).to(device)
+                                           for j in idx])).to(device).contiguous(
+                memory_format=torch.channels_last)
             mixed = cfg.cutmix and rng.random() < cfg.cutmix
             if mixed:
                 x, partner, lam = cutmix(x, rng)
-            with torch.set_grad_enabled(not probing):
-                features = model.backbone.forward_features(x)
-            _, *outputs = model.heads(features)  # fine, coarse[, attributes]
+            with torch.autocast(device.type, autocast or torch.float32, autocast is not None):
+                with torch.set_grad_enabled(not probing):
+                    features = model.backbone.forward_features(x)
+                _, *outputs = model.heads(features)  # fine, coarse[, attributes]
+            outputs = [o.float() for o in outputs]
             loss = losses(idx, *outputs)
             if mixed:
                 loss = lam * loss + (1 - lam) * losses(idx[partner], *outputs)

@@ -1,0 +1,114 @@
+"""Training speed: seconds per step of `storyscan train`'s loop, per way of running it.
+
+    python bench/train_speed.py --arch efficientnet_lite0 --size 224
+
+One SGD step on a batch of 32 random photos (forward through backbone and heads, the CosFace
+loss, backward, update), timed for FP32 in the default memory layout (what the trainer did
+before), channels-last, bf16 autocast, and frozen leading stages, each as a ratio to the first
+row. The rows are timed in rounds, one step of each per round, so a load that comes and goes
+hits them all alike; the median step counts. The table goes to stdout and to
+docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from bench.report import write_section
+from models.recognizer import build_recognizer
+from models.tables import format_markdown_table, format_table
+from trainer.train import freeze_stages, pick_precision
+
+COLUMNS = ["variant", "layout", "precision", "frozen stages", "s/step", "photos/s", "vs FP32"]
+# (name, channels-last, bf16, frozen stages)
+VARIANTS = [
+    ("FP32, contiguous (before)", False, False, 0),
+    ("channels-last", True, False, 0),
+    ("channels-last + bf16", True, True, 0),
+    ("channels-last + bf16 + 3 stages frozen (shipped)", True, True, 3),
+]
+
+
+def make_step(arch: str, size: int, batch: int, channels_last: bool, bf16: bool,
+              frozen: int) -> Callable[[], None]:
+    """A closure running one training step as trainer/train.py does."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_recognizer(arch, 81, 43, "imagenet").to(memory_format=layout).train()
+    for m in freeze_stages(model, frozen):
+        m.eval()
+    dtype = pick_precision("bf16" if bf16 else "fp32", torch.device("cpu"))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                          momentum=0.9)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
+    y = torch.randint(0, 81, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype or torch.float32, dtype is not None):
+            _, fine, _ = model(x)
+        fine = fine.float() - model.scale * 0.2 * F.one_hot(y, fine.shape[1])
+        loss = F.cross_entropy(fine, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", action="append", dest="archs",
+                   help="architecture (repeatable; default efficientnet_lite0 and _lite2)")
+    p.add_argument("--size", type=int, action="append", dest="sizes",
+                   help="input side per --arch (default 224 and 260)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    args = p.parse_args()
+    archs = args.archs or ["efficientnet_lite0", "efficientnet_lite2"]
+    sizes = args.sizes or [224, 260][: len(archs)]
+    if len(sizes) != len(archs):
+        raise SystemExit("give one --size per --arch")
+
+    rows = []
+    for arch, size in zip(archs, sizes, strict=True):
+        steps = [make_step(arch, size, args.batch_size, *v[1:]) for v in VARIANTS]
+        for step in steps:  # warm-up: oneDNN picks its kernels on the first call
+            step()
+        times: list[list[float]] = [[] for _ in steps]
+        for _ in range(args.rounds):
+            for step, t in zip(steps, times, strict=True):
+                t0 = time.perf_counter()
+                step()
+                t.append(time.perf_counter() - t0)
+        base = statistics.median(times[0])
+        for (name, cl, bf16, frozen), t in zip(VARIANTS, times, strict=True):
+            s = statistics.median(t)
+            rows.append({"variant": f"{arch} {size} px: {name}",
+                         "layout": "channels-last" if cl else "contiguous",
+                         "precision": "bf16 autocast" if bf16 else "FP32",
+                         "frozen stages": frozen, "s/step": s,
+                         "photos/s": args.batch_size / s, "vs FP32": base / s})
+    print(format_table(rows, COLUMNS))
+    if args.no_docs:
+        return
+    body = (f"One training step (batch {args.batch_size}, random photos, forward + CosFace loss "
+            f"+ backward + SGD update) of each variant, timed in {args.rounds} interleaved "
+            f"rounds, median; `vs FP32` is the speed-up over the first row of the same "
+            f"architecture, measured in the same run. bf16 autocast keeps FP32 master weights; "
+            f"frozen stages are the stem and the first two stages of blocks, left at their "
+            f"ImageNet weights.\n\n{format_markdown_table(rows, COLUMNS)}")
+    write_section("train-speed", "Training speed", body)
+
+
+if __name__ == "__main__":
+    main()
