@@ -4,9 +4,9 @@
   reference embedding, so a product enrolled from a few photos needs no retraining. With a
   `feature_weight` w > 0 it is the trained embedding joined with the backbone's pooled
   features, each unit length and weighted so that the cosine of two such embeddings is
-  (1 - w) x cosine(trained) + w x cosine(features): the trained part separates the products
-  it was trained on, the features keep what it had no reason to learn, which is what tells a
-  product it never saw from its neighbours;
+  (1 - w) x cosine(trained) + w x cosine(features): the features keep what training on its
+  products gave the trained part no reason to learn, which might tell a product it never saw
+  from its neighbours (on Grocery it did not: bench/feature_weight.py chose w = 0);
 - fine: product logits of a cosine classifier (normalised softmax), whose class weights are
   themselves unit embeddings: the bundle ships them as one prototype per trained product;
 - coarse: category logits from the backbone features;
