@@ -88,7 +88,8 @@ def main() -> None:
     enrol = {sku: np.flatnonzero(train_names == sku)[:ENROL_PHOTOS] for sku in held}
     tune = np.array([i for i, n in enumerate(names["train"])
                      if n in held and i not in enrol[n]])
-    val_new = np.array([n in held for n in names["val"]])
+    val_names = np.array(names["val"])
+    val_new = np.isin(val_names, held)
 
     def refs(source: str, idx: list[int], w: float) -> tuple[list[str], np.ndarray]:
         """Photos `idx` of a split as references: their products and joined embeddings."""
@@ -112,13 +113,9 @@ def main() -> None:
         for label, (skus, vectors) in (("5 photos", by_photos), ("catalog photo", by_catalog)):
             m = Matcher(base_skus + skus, np.concatenate([base, vectors]), 1.0)
             row[f"tune: {label}"] = top1(m, q["train"][tune], [names["train"][i] for i in tune])
-            row[f"val: {label}"] = top1(m, q["val"][val_new],
-                                        [n for n, h in zip(names["val"], val_new, strict=True)
-                                         if h])
+            row[f"val: {label}"] = top1(m, q["val"][val_new], list(val_names[val_new]))
             if label == "5 photos":
-                row["val: known"] = top1(m, q["val"][~val_new],
-                                         [n for n, h in zip(names["val"], val_new, strict=True)
-                                          if not h])
+                row["val: known"] = top1(m, q["val"][~val_new], list(val_names[~val_new]))
         only_known = Matcher(base_skus, base, 1.0)
         best = np.array([only_known.scores(e).max() for e in q["val"]])
         row["val: unknown AUROC"] = auroc(best[~val_new], best[val_new])

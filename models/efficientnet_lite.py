@@ -157,7 +157,7 @@ class EfficientNetLite(nn.Module):
             MBConvBlock(*spec, drop_connect_rate=drop_connect_rate * i / len(specs))
             for i, spec in enumerate(specs)
         )
-        self._repeats = [stage[0] for stage in stages]
+        self._stages = stages  # kept to name the variant and to group blocks by stage
         self._conv_head = Conv2dSame(stages[-1][5], HEAD_CHANNELS, 1)
         self._bn1 = batch_norm(HEAD_CHANNELS)
         self.num_features = HEAD_CHANNELS
@@ -179,7 +179,7 @@ class EfficientNetLite(nn.Module):
         """The trunk in input order, a stage at a time (the stem first, the head conv last),
         so training can freeze a leading part of it."""
         out, start = [[self._conv_stem, self._bn0]], 0
-        for repeats in self._repeats:
+        for repeats, *_ in self._stages:
             out.append(list(self._blocks[start : start + repeats]))
             start += repeats
         return [*out, [self._conv_head, self._bn1]]
@@ -199,11 +199,9 @@ def efficientnet_lite2(num_classes: int = 1000, drop_connect_rate: float = 0.2) 
 
 
 def variant(model: EfficientNetLite) -> int:
-    """Which Lite (0, 1, 2) a network is, from its shape."""
-    shape = [(b._depthwise_conv.stride[0], b._project_conv.out_channels) for b in model._blocks]
+    """Which Lite (0, 1, 2) a network is, from its stage table."""
     for n, stages in VARIANTS.items():
-        if shape == [(s if r == 0 else 1, cout) for repeats, _, s, _, _, cout in stages
-                     for r in range(repeats)]:
+        if model._stages == stages:
             return n
     raise WeightsError("not an EfficientNet-Lite0/1/2 network")
 
