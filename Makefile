@@ -29,6 +29,8 @@ demo: $(VENV)/.installed
 		--bundle $(DEMO)/bundle
 	$(STORYSCAN) scan $(DEMO)/data/scans --bundle $(DEMO)/bundle --catalog $(DEMO)/catalog.db \
 		--labels-from-folders --summary
+	$(STORYSCAN) kiosk --camera '$(DEMO)/data/scan_video.avi?fps=0' --bundle $(DEMO)/bundle \
+		--catalog $(DEMO)/catalog.db --max-scans 8 --duration 300
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

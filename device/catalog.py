@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,7 +61,8 @@ class Catalog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.media = self.path.with_name(self.path.stem + "-media")
-        self.db = sqlite_utils.Database(self.path)
+        # built on one thread, used on another (the kiosk loop's); never by two at once
+        self.db = sqlite_utils.Database(sqlite3.connect(self.path, check_same_thread=False))
         self.db.enable_wal()
         self._create_schema()
 

@@ -1,4 +1,4 @@
-"""The `storyscan` command and the kiosk's own subcommands (scan, catalog).
+"""The `storyscan` command and the kiosk's own subcommands (scan, enroll, kiosk, catalog).
 
 Subcommands come from the `storyscan.commands` entry points, one `register(subparsers)` per
 package, so the device never imports the trainer. Errors a user can fix end the command with
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device.camera import CameraError
 from device.catalog import Catalog, CatalogError, Product
 from device.engines import BACKENDS, EngineError
 from device.importers import read_products
@@ -25,6 +26,7 @@ from models.tables import format_table
 
 # Errors that carry a one-line message for the user; every package adds its own to this tuple.
 USER_ERRORS: tuple[type[Exception], ...] = (ImageError, BundleError, CatalogError, EngineError,
+                                            CameraError,
                                             FileNotFoundError)
 
 
@@ -32,7 +34,8 @@ def add_model_args(p: argparse.ArgumentParser, need_bundle: bool = True) -> None
     p.add_argument("--bundle", default=os.environ.get("STORYSCAN_BUNDLE"),
                    required=need_bundle and not os.environ.get("STORYSCAN_BUNDLE"),
                    help="model bundle directory (default: $STORYSCAN_BUNDLE)")
-    p.add_argument("--precision", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--precision", choices=("int8", "fp32", "fp16"), default="int8",
+                   help="model precision (fp16: TensorRT engine only)")
     p.add_argument("--engine", choices=("auto", *BACKENDS), default="auto")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
 
@@ -159,6 +162,110 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- storyscan kiosk ---------------------------------------------------------------------------
+
+
+def cmd_kiosk(args: argparse.Namespace) -> int:
+    """The kiosk loop in the foreground: one line per scan on stdout (written to the scan log
+    first), camera trouble and health on stderr; Ctrl-C or SIGTERM stop it cleanly."""
+    import logging
+    import signal
+    import threading
+
+    from device.camera import Camera, parse_uri
+    from device.kiosk import Kiosk, Scan
+    from device.pipeline import Pipeline
+    from device.presence import Presence, PresenceConfig
+    from device.scans import ScanLog
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    parse_uri(args.camera)  # a malformed URI stops here, before the model loads
+    if args.ui:
+        from kiosk_ui.server import parse_address
+
+        ui_address = parse_address(args.ui)  # so does a malformed --ui
+    pipeline = Pipeline.open(args.bundle, args.catalog, args.precision, args.engine,
+                             args.threads, threshold=args.threshold,
+                             top_coarse=args.top_coarse, hash_candidates=args.hash_candidates)
+    if not len(pipeline.matcher):
+        raise CatalogError(f"{args.catalog}: no products to match against "
+                           "(run 'storyscan catalog import' first)")
+    scans = ScanLog(args.scans or Path(args.catalog).with_name("scans.db"))
+    camera = Camera(args.camera)
+    kiosk = Kiosk(camera, pipeline, scans, Presence(PresenceConfig(
+        still_frames=args.still_frames)), mode=args.mode, session=args.session)
+
+    def show(scan: Scan) -> None:
+        r = scan.result
+        if args.json:
+            print(json.dumps(scan.to_dict(), ensure_ascii=False), flush=True)
+        else:
+            what = "UNKNOWN" if r.unknown else f"{r.sku} {r.name} ({r.confidence:.2f})"
+            print(f"scan {scan.id} {scan.time}: {what} in {scan.latency_ms:.0f} ms", flush=True)
+
+    kiosk.subscribe(show)
+    ui = None
+    if args.ui:
+        from kiosk_ui import create_app
+        from kiosk_ui.server import UIServer
+
+        ui = UIServer(create_app(kiosk, args.ui_config), *ui_address)
+    signal.signal(signal.SIGTERM, lambda *_: kiosk.stop())
+    done = threading.Event()
+
+    def report_health() -> None:
+        while not done.wait(args.health_every):
+            print(f"health: {json.dumps(kiosk.health())}", file=sys.stderr, flush=True)
+
+    if args.health_every > 0:
+        threading.Thread(target=report_health, name="health", daemon=True).start()
+    print(f"kiosk: {pipeline.bundle.key} ({pipeline.engine.backend} "
+          f"{pipeline.engine.precision}), {len(pipeline.matcher)} products, camera "
+          f"{args.camera}, scans to {scans.path}; Ctrl-C stops", file=sys.stderr, flush=True)
+    if ui is not None:
+        ui.start()
+        print(f"kiosk UI: {ui.url} (staff pages: {ui.url}staff)", file=sys.stderr, flush=True)
+        if not ui.app.extensions["storyscan"].config.get("pin_hash"):
+            where = (f"--ui-config {args.ui_config}" if args.ui_config
+                     else f"--catalog {args.catalog}")
+            print(f"kiosk UI: no staff PIN yet: set one with 'storyscan kiosk-pin {where}'",
+                  file=sys.stderr, flush=True)
+    count = 0
+    with camera:
+        try:
+            count = kiosk.run(duration=args.duration, max_scans=args.max_scans)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            done.set()
+            if ui is not None:
+                ui.stop()
+    health = kiosk.health()
+    print(f"kiosk stopped: {count} scans recorded; {health['fps']} fps, latency p50 "
+          f"{health['latency_p50_ms'] or 0:.1f} ms, p95 {health['latency_p95_ms'] or 0:.1f} ms",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_kiosk_pin(args: argparse.Namespace) -> int:
+    """Set the staff PIN: typed twice (not echoed), or one line on stdin with --pin-stdin."""
+    import getpass
+
+    from kiosk_ui.config import ConfigError, default_path, set_pin
+
+    path = Path(args.ui_config) if args.ui_config else default_path(args.catalog)
+    if args.pin_stdin or not sys.stdin.isatty():
+        pin = sys.stdin.readline().strip()
+    else:
+        pin = getpass.getpass("new staff PIN (4-12 digits): ")
+        if getpass.getpass("again: ") != pin:
+            raise ConfigError("the two PINs differ: nothing changed")
+    set_pin(path, pin)
+    print(f"staff PIN set in {path} (stored hashed; staff log in at /staff)")
+    return 0
+
+
 # --- storyscan catalog -------------------------------------------------------------------------
 
 
@@ -190,7 +297,7 @@ def cmd_catalog_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p = sub.add_parser("scan", help="recognise product photos against the catalog")
     p.add_argument("photos", nargs="+", help="photo files or folders")
     add_model_args(p)
@@ -223,6 +330,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_catalog_arg(p)
     p.set_defaults(func=cmd_enroll)
 
+    p = sub.add_parser("kiosk", help="run the kiosk: camera, presence, recognition, scan log")
+    p.add_argument("--camera", required=True,
+                   help="v4l2:0, /dev/video0, csi:0, rtsp://..., dir:FOLDER or a video file "
+                        "(see device/camera.py for ?width=&height=&fps=&format=)")
+    add_model_args(p)
+    add_catalog_arg(p)
+    p.add_argument("--scans", help="scan log SQLite file (default: scans.db beside the catalog)")
+    p.add_argument("--mode", choices=("shopper", "inventory"), default="shopper")
+    p.add_argument("--session", help="inventory session the scans count towards")
+    p.add_argument("--still-frames", type=whole_number, default=6, metavar="N",
+                   help="frames a product must be held still before it is recognised")
+    p.add_argument("--threshold", type=float,
+                   help="best similarity below which a scan is unknown (default: the bundle's)")
+    p.add_argument("--top-coarse", type=whole_number, default=0, metavar="N")
+    p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--max-scans", type=whole_number, help="stop after this many scans")
+    p.add_argument("--health-every", type=float, default=60.0, metavar="S",
+                   help="print the kiosk's health every S seconds (0: never)")
+    p.add_argument("--json", action="store_true", help="one JSON object per scan")
+    p.add_argument("--ui", metavar="HOST:PORT",
+                   help="serve the kiosk UI (shopper screen, staff pages, API) there, e.g. "
+                        "127.0.0.1:8080 (default: no UI)")
+    p.add_argument("--ui-config", metavar="PATH",
+                   help="the UI's device config with the staff PIN (default: kiosk.json "
+                        "beside the catalog)")
+    p.set_defaults(func=cmd_kiosk)
+
+    p = sub.add_parser("kiosk-pin", help="set the staff PIN of the kiosk UI (stored hashed)")
+    add_catalog_arg(p)
+    p.add_argument("--ui-config", metavar="PATH",
+                   help="the UI's device config (default: kiosk.json beside the catalog)")
+    p.add_argument("--pin-stdin", action="store_true",
+                   help="read the PIN from the first line of standard input (for scripts)")
+    p.set_defaults(func=cmd_kiosk_pin)
+
     p = sub.add_parser("catalog", help="manage the on-device product catalog")
     csub = p.add_subparsers(dest="catalog_command", required=True)
     q = csub.add_parser("import", help="add or update products from a folder or CSV")
@@ -233,6 +376,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = csub.add_parser("list", help="list the catalog's products")
     add_catalog_arg(q)
     q.set_defaults(func=cmd_catalog_list)
+
+    from kiosk_ui.config import ConfigError  # light: no Flask
+
+    return [ConfigError]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,11 @@ _OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
     "heads.fine.unknown_threshold": (int, float),  # cosine similarity, in [-1, 1]
     "heads.fine.unknown_tar": (int, float),  # share of known val photos it accepts, in (0, 1]
     "heads.attributes": (dict,),  # only when trained with attribute labels
+    "tensorrt": (dict,),  # ready TensorRT engines (`storyscan export --tensorrt torch2trt`)
 }
+# What a ready TensorRT engine's entry says: the device loads it only when its TensorRT version
+# and GPU match (device/engines/tensorrt.py); the file is covered by 'files' like any other.
+TENSORRT_ENGINE_FIELDS = ("file", "precision", "tensorrt", "gpu")
 
 
 def _get(manifest: dict, dotted: str) -> object:
@@ -107,6 +111,21 @@ def _attributes_problem(head: dict) -> str | None:
     if (not isinstance(threshold, int | float) or isinstance(threshold, bool)
             or not 0 < threshold < 1):
         return "manifest.json 'heads.attributes.threshold' must be a probability in (0, 1)"
+    return None
+
+
+def _tensorrt_problem(section: dict, files: dict) -> str | None:
+    engines = section.get("engines", [])
+    if not isinstance(engines, list):
+        return "manifest.json 'tensorrt.engines' must be a list"
+    for entry in engines:
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) and entry[k]
+                                                for k in TENSORRT_ENGINE_FIELDS)):
+            return ("manifest.json 'tensorrt.engines' entries need "
+                    f"{', '.join(repr(k) for k in TENSORRT_ENGINE_FIELDS)} as strings")
+        if entry["file"] not in files:
+            return (f"manifest.json refers to {entry['file']!r} but does not list it under "
+                    "'files'")
     return None
 
 
@@ -158,6 +177,8 @@ def manifest_problem(m: object) -> str | None:
     for name in [*m["models"].values(), m["heads"]["fine"]["prototypes"]]:
         if name not in m["files"]:
             return f"manifest.json refers to {name!r} but does not list it under 'files'"
+    if "tensorrt" in m and (problem := _tensorrt_problem(m["tensorrt"], m["files"])):
+        return problem
     for name, entry in m["files"].items():
         if Path(name).name != name or name in (MANIFEST, "", ".", ".."):
             return f"manifest.json lists a file with an unsafe name: {name!r}"

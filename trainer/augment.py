@@ -47,9 +47,33 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def augment(img: np.ndarray, spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
-    """One random training view of an RGB photo, as the network's float input."""
+def random_erasing(img: np.ndarray, rng: np.random.Generator,
+                   scale: tuple[float, float] = (0.02, 0.25),
+                   ratio: tuple[float, float] = (0.3, 3.3)) -> np.ndarray:
+    """Cover a random box (`scale` of the area) with noise, as a hand, a price sticker or a
+    shelf edge hides part of a product: the model must not lean on one patch of the label."""
+    h, w = img.shape[:2]
+    for _ in range(10):
+        target = h * w * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        bw, bh = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < bw < w and 0 < bh < h:
+            top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+            img = img.copy()
+            img[top : top + bh, left : left + bw] = rng.integers(0, 256, (bh, bw, img.shape[2]),
+                                                                  dtype=np.uint8)
+            return img
+    return img
+
+
+def augment(img: np.ndarray, spec: InputSpec, rng: np.random.Generator,
+            erasing: float = 0.0) -> np.ndarray:
+    """One random training view of an RGB photo, as the network's float input; `erasing` is
+    the chance of a random-erasing box."""
     x = random_resized_crop(img, spec.size, rng)
     if rng.random() < 0.5:
         x = x[:, ::-1]
-    return normalize(color_jitter(x, rng), spec)
+    x = color_jitter(x, rng)
+    if erasing and rng.random() < erasing:
+        x = random_erasing(x, rng)
+    return normalize(x, spec)

@@ -23,11 +23,18 @@ def _need_torch() -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from trainer.synthetic import generate_demo
+    from pathlib import Path
+
+    from trainer.synthetic import generate_demo, write_scan_video
 
     demo = generate_demo(args.out, products=args.products, train=args.train, val=args.val,
                          scans=args.scans, size=args.size, seed=args.seed, progress=True)
     print(f"demo catalog of {len(demo.products)} products written to {args.out}")
+    if args.video_placements:
+        video = Path(args.out) / "scan_video.avi"
+        plan = write_scan_video(video, demo.products, args.video_placements, seed=args.seed)
+        print(f"scan video of {len(plan)} placements written to {video} (the kiosk's "
+              f"simulated camera: storyscan kiosk --camera {video})")
     return 0
 
 
@@ -83,6 +90,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--scans", type=int, default=6, help="held-out scan photos per product")
     p.add_argument("--size", type=int, default=256, help="photo side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--video-placements", type=int, default=8, metavar="N",
+                   help="products placed in the 1280x720 scan video scan_video.avi, the "
+                        "kiosk's simulated camera (0: no video)")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("train", help="fine-tune a recognition network on product photos")
@@ -102,6 +112,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
     p.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
                    help="share of CutMix batches")
+    p.add_argument("--erasing", type=float, default=TrainConfig.erasing,
+                   help="chance of a random-erasing box on a training view")
     p.add_argument("--ema", type=float, default=TrainConfig.ema,
                    help="decay of an exponential moving average of the weights (0 = off)")
     p.add_argument("--probe-epochs", type=int, default=TrainConfig.probe_epochs,
@@ -154,6 +166,10 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--min-agreement", type=float, default=0.99,
                    help="refuse below this INT8-vs-FP32 top-1 agreement on val")
     p.add_argument("--force", action="store_true", help="write the bundle even below it")
+    p.add_argument("--tensorrt", choices=("onnx", "torch2trt"), default="onnx",
+                   help="onnx: the kiosk builds its TensorRT engine from the bundle's ONNX; "
+                        "torch2trt: also convert here (CUDA GPU and torch2trt needed) and ship "
+                        "the engine in the bundle")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train, export and measure several architectures "

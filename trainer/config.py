@@ -35,6 +35,7 @@ class TrainConfig:
     margin: float = 0.2  # CosFace additive cosine margin on the product head
     label_smoothing: float = 0.0
     cutmix: float = 0.0  # share of batches mixed with CutMix
+    erasing: float = 0.0  # chance that a training view gets a random-erasing box
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
     # leading backbone stages (the stem is stage 0) kept at their ImageNet weights and

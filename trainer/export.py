@@ -15,10 +15,19 @@ photos INT8 recognises correctly; a scan below it is unknown on the kiosk.
 A model trained with attribute labels gets a fourth ONNX output, `attributes` (multi-label
 logits), and the manifest a `heads.attributes` entry with their names and the probability
 threshold the kiosk reports them at; the metrics add each precision's attribute micro-F1.
+
+TensorRT: by default (`--tensorrt onnx`) the kiosk builds its engine from the bundle's ONNX on
+first start. `--tensorrt torch2trt`, on a GPU workstation or a Jetson, also converts the FP32
+network with torch2trt (INT8 calibrated on the same training photos, FP16 where INT8 does not
+fit) and ships the engine in the bundle, named and recorded in the manifest with its TensorRT
+version and GPU: a kiosk with the same pair loads it instead of building one. It must agree
+with FP32 on the validation photos as INT8 must.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -51,6 +60,7 @@ from trainer.train import holdout_products, load_checkpoint, predict
 OPSET = 17
 UNKNOWN_TAR = 0.95  # share of correctly recognised val photos the unknown threshold keeps
 ATTRIBUTE_THRESHOLD = 0.5  # probability above which the kiosk reports an attribute
+TENSORRT_PATHS = ("onnx", "torch2trt")  # onnx: the kiosk builds its engine from the bundle
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax,
                        "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
@@ -70,6 +80,7 @@ class ExportConfig:
     min_agreement: float = 0.99
     force: bool = False
     feature_weight: float = FEATURE_WEIGHT
+    tensorrt: str = "onnx"  # or torch2trt: also ship a TensorRT engine converted here
 
 
 def export_onnx(model: Recognizer | FlipAveraged, spec: InputSpec, path: Path) -> None:
@@ -211,7 +222,71 @@ def calibrate_unknown(known: np.ndarray) -> dict[str, float]:
     return {"unknown_threshold": threshold, "unknown_tar": UNKNOWN_TAR}
 
 
+def torch2trt_problem() -> str | None:
+    """Why `--tensorrt torch2trt` cannot run on this machine, in one line; None when it can."""
+    problems = []
+    if importlib.util.find_spec("torch2trt") is None:
+        problems.append("torch2trt is not installed (build it from source on the GPU "
+                        "workstation or Jetson, see README)")
+    if not torch.cuda.is_available():
+        problems.append("torch sees no CUDA GPU")
+    return "; ".join(problems) or None
+
+
+def export_torch2trt(runner: Recognizer | FlipAveraged, calibration: list[np.ndarray],
+                     val: list[np.ndarray], fp32_fine: np.ndarray, out_dir: Path
+                     ) -> tuple[Path, dict, float]:
+    """Convert the FP32 network with torch2trt on the GPU (INT8 calibrated on `calibration`,
+    FP16 allowed, dynamic batch up to the kiosk's profile), write the serialized engine into
+    `out_dir` under a name recording its TensorRT version and GPU; returns the file, its manifest
+    entry and its top-1 agreement with FP32 (`fp32_fine`) on the validation photos `val`."""
+    try:
+        import tensorrt as trt
+        from torch2trt import torch2trt
+    except Exception as e:  # a broken tensorrt raises more than ImportError
+        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ExportError(f"--tensorrt torch2trt: torch2trt does not import ({line.strip()})"
+                          ) from None
+    from device.engines.tensorrt import MAX_BATCH, bundled_engine_name, gpu_identity
+
+    gpu = gpu_identity()
+    if gpu is None:
+        raise ExportError("--tensorrt torch2trt: the CUDA driver sees no GPU")
+    cuda = torch.device("cuda")
+    net = copy.deepcopy(runner).float().to(cuda).eval()
+    calib = [[torch.from_numpy(x[None]).to(cuda)] for x in calibration]  # batches of one
+    names = list(runner.output_names)
+    print(f"converting with torch2trt (TensorRT {trt.__version__} on {gpu}): INT8 calibrated on "
+          f"{len(calib)} training photos, FP16 allowed, batches up to {MAX_BATCH}")
+    try:
+        with torch.no_grad():
+            trt_net = torch2trt(net, calib[0], input_names=["image"], output_names=names,
+                                fp16_mode=True, int8_mode=True, int8_calib_dataset=calib,
+                                max_batch_size=MAX_BATCH)
+            fine = np.concatenate([
+                trt_net(torch.from_numpy(np.stack(val[i : i + MAX_BATCH])).to(cuda))
+                [names.index("fine")].float().cpu().numpy()
+                for i in range(0, len(val), MAX_BATCH)])
+        engine = bytes(trt_net.engine.serialize())
+    except Exception as e:  # torch2trt and TensorRT raise anything on an unsupported layer
+        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ExportError(f"torch2trt could not convert the model ({line.strip()}); the "
+                          "default --tensorrt onnx leaves the engine to the kiosk") from None
+    agreement = float(np.mean(fine.argmax(1) == fp32_fine.argmax(1)))
+    path = out_dir / bundled_engine_name(trt.__version__, gpu)
+    path.write_bytes(engine)
+    entry = {"file": path.name, "precision": "int8", "tensorrt": trt.__version__, "gpu": gpu,
+             "builder": "torch2trt", "max_batch": MAX_BATCH}
+    print(f"torch2trt engine: {path.name} ({len(engine) / 1e6:.1f} MB), top-1 agreement with "
+          f"FP32 {agreement:.4f}")
+    return path, entry, agreement
+
+
 def export(cfg: ExportConfig) -> Bundle:
+    if cfg.tensorrt not in TENSORRT_PATHS:
+        raise ExportError(f"--tensorrt {cfg.tensorrt}: choose from {', '.join(TENSORRT_PATHS)}")
+    if cfg.tensorrt == "torch2trt" and (problem := torch2trt_problem()):
+        raise ExportError(f"--tensorrt torch2trt needs torch2trt and a CUDA GPU: {problem}")
     model, ckpt = load_checkpoint(cfg.checkpoint)
     if not 0.0 <= cfg.feature_weight < 1.0:
         raise ExportError(f"--feature-weight {cfg.feature_weight}: must be at least 0 and "
@@ -280,6 +355,19 @@ def export(cfg: ExportConfig) -> Bundle:
             raise ExportError(f"INT8 agrees with FP32 on {agreement:.1%} of validation photos, "
                               f"below --min-agreement {cfg.min_agreement:.1%}; bundle not "
                               "written (use --force to write it anyway)")
+        files = {fp32.name: fp32, int8.name: int8, protos.name: protos}
+        trt_section = {}
+        if cfg.tensorrt == "torch2trt":
+            engine, entry, trt_agreement = export_torch2trt(
+                runner, calib.images, val.images, results["fp32"]["fine"], Path(tmp))
+            metrics["torch2trt_fp32_agreement"] = trt_agreement
+            if trt_agreement < cfg.min_agreement and not cfg.force:
+                raise ExportError(f"the torch2trt engine agrees with FP32 on {trt_agreement:.1%} "
+                                  f"of validation photos, below --min-agreement "
+                                  f"{cfg.min_agreement:.1%}; bundle not written (use --force "
+                                  "to write it anyway)")
+            files[engine.name] = engine
+            trt_section = {"tensorrt": {"engines": [entry]}}
         known = known_similarities(results["int8"]["embedding"], y_fine, labels["fine"],
                                    np.load(protos))
         unknown = calibrate_unknown(known)
@@ -304,8 +392,8 @@ def export(cfg: ExportConfig) -> Bundle:
             "metrics": metrics,
             "training": {"epochs": ckpt["epoch"], "data": str(cfg.data)},
             "test_time": "flip-average" if cfg.flip else "none",
+            **trt_section,
         }
-        bundle = write_bundle(cfg.out, manifest, {fp32.name: fp32, int8.name: int8,
-                                                  protos.name: protos})
+        bundle = write_bundle(cfg.out, manifest, files)
     print(f"bundle written: {bundle.path} ({bundle.key})")
     return bundle

@@ -40,7 +40,7 @@ SUPERSAMPLE = 2  # products are drawn at twice the photo size, then area-downsam
 
 # Independent random streams: (seed, purpose, product, photo) -> one generator each, so
 # adding photos or products never changes what was drawn for the others.
-_STORY, _DRAW = 1, 2
+_STORY, _DRAW, _VIDEO = 1, 2, 3
 _SPLIT_STREAM = {"train": 10, "val": 11, "scans": 12}
 
 
@@ -1047,9 +1047,9 @@ def _leaflet(layer: np.ndarray, mask: np.ndarray, opacity: int,
 def _over(img: np.ndarray, premultiplied: np.ndarray, alpha: np.ndarray, offset: np.ndarray,
           blur: float, strength: float) -> np.ndarray:
     """Composite a premultiplied layer over img (float32) with a soft shadow underneath."""
-    size = img.shape[0]
+    h, w = img.shape[:2]
     shift = np.float32([[1, 0, offset[0]], [0, 1, offset[1]]])
-    shadow = cv2.GaussianBlur(cv2.warpAffine(alpha, shift, (size, size)), (0, 0), blur)
+    shadow = cv2.GaussianBlur(cv2.warpAffine(alpha, shift, (w, h)), (0, 0), blur)
     return img * ((1 - strength * shadow) * (1 - alpha))[..., None] + premultiplied
 
 
@@ -1083,8 +1083,8 @@ class Cutout:
     def place(self, img: np.ndarray, homography: np.ndarray, offset: np.ndarray, blur: float,
               strength: float) -> np.ndarray:
         """Warp the product into img (float32) and drop its shadow by `offset` pixels."""
-        size = img.shape[0]
-        warped = cv2.warpPerspective(self.bgra, homography, (size, size), flags=cv2.INTER_LINEAR,
+        h, w = img.shape[:2]
+        warped = cv2.warpPerspective(self.bgra, homography, (w, h), flags=cv2.INTER_LINEAR,
                                      borderValue=0).astype(np.float32)
         return _over(img, warped[..., :3], warped[..., 3] / 255, offset, blur, strength)
 
@@ -1241,3 +1241,108 @@ def generate_demo(
         for _ in done:
             pass
     return catalog
+
+
+# --------------------------------------------------------------------------- scan video
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One product's visit in a scan video: it rests in the scan area from `placed` up to
+    (not including) `removed`, frame numbers counted from 0."""
+
+    sku: str
+    placed: int
+    removed: int
+
+
+def _hand(img: np.ndarray, center: tuple[float, float], length: float) -> None:
+    """A forearm and hand reaching across the counter: a skin-toned blob, drawn in place."""
+    skin = (120.0, 150.0, 205.0)  # BGR
+    h = img.shape[0]
+    axes = (int(length / 2), int(0.09 * h))
+    cv2.ellipse(img, (_pt(*center), axes, 20.0), skin, -1, cv2.LINE_AA)
+
+
+def scan_video_frames(products: Sequence[Product], placements: int, width: int = 1280,
+                      height: int = 720, fps: float = 15.0, gap_s: float = 1.2,
+                      move_s: float = 0.6, hold_s: float = 2.0, waves: bool = True,
+                      seed: int = 0) -> tuple[list[Placement], Iterable[np.ndarray]]:
+    """What a kiosk camera sees over a shopping session: the empty counter, a product brought
+    in, held still, taken away, the next product... with a hand waving through every other
+    gap, slow lighting drift and sensor noise. Returns the placements (ground truth) and a
+    generator of BGR uint8 frames."""
+    rng = _rng(seed, _VIDEO)
+    square = _table_surface(rng, width)
+    _clutter(square, rng)
+    top = (width - height) // 2
+    background = np.ascontiguousarray(square[top : top + height])
+    gap, move, hold = (max(1, round(s * fps)) for s in (gap_s, move_s, hold_s))
+    visit = 2 * move + hold
+    total = gap + placements * (visit + gap)
+    plan, poses = [], []
+    for i in range(placements):
+        product = products[i % len(products)]
+        start = gap + i * (visit + gap)
+        plan.append(Placement(product.sku, start + move, start + move + hold))
+        category = _CATEGORY_BY_FOLDER[product.category]
+        angle = rng.uniform(0, 360) if category.full_turn else rng.uniform(-12, 12)
+        side = rng.uniform(0.5, 0.7) * height
+        rest = np.array([width / 2 + rng.uniform(-0.15, 0.15) * width,
+                         height / 2 + rng.uniform(-0.06, 0.06) * height])
+        poses.append((product, angle, side, rest))
+
+    def frames() -> Iterable[np.ndarray]:
+        cuts: dict[str, Cutout] = {}
+        for f in range(total):
+            img = background.copy()
+            slot, into = divmod(f - gap, visit + gap)
+            if f >= gap and into < visit:
+                product, angle, side, rest = poses[slot]
+                if product.sku not in cuts:
+                    cuts[product.sku] = Cutout.from_sprite(render_product(product, 384, seed))
+                cut = cuts[product.sku]
+                # eased slide in from below the frame, rest, slide out to the side
+                if into < move:
+                    t = 1 - (1 - into / move) ** 2
+                    at = rest + (1 - t) * np.array([0.0, height])
+                elif into < move + hold:
+                    at = rest
+                else:
+                    t = ((into - move - hold) / move) ** 2
+                    at = rest + t * np.array([width * 0.6, 0.0])
+                pose = np.array([[1, 0, at[0]], [0, 1, at[1]], [0, 0, 1]]) @ _similarity(
+                    cut.center, angle, side / cut.longest)
+                img = cut.place(img, pose, np.array([0.0, 0.02 * height]), 0.02 * height, 0.35)
+            elif waves and f >= gap and slot % 2 == 1 and into - visit < max(2, gap // 2):
+                # a hand sweeps through the empty area without stopping
+                t = (into - visit) / max(2, gap // 2)
+                _hand(img, (width * (-0.2 + 1.4 * t), height * 0.55), 0.45 * width)
+            img *= 1 + 0.05 * math.sin(2 * math.pi * f / max(total, 1))  # daylight drifting
+            img += _uniform_noise(_rng(seed, _VIDEO, f), img.shape) * 2.0
+            yield np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+    return plan, frames()
+
+
+def write_scan_video(path: Path, products: Sequence[Product], placements: int = 8,
+                     width: int = 1280, height: int = 720, fps: float = 15.0,
+                     seed: int = 0, **timing: float) -> list[Placement]:
+    """Write a scan video (Motion-JPEG AVI, which every OpenCV reads) and its placements as
+    JSON beside it (`<path>.json`); returns the placements."""
+    plan, frames = scan_video_frames(products, placements, width, height, fps, seed=seed,
+                                     **timing)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"{path}: OpenCV cannot write a Motion-JPEG AVI here")
+    try:
+        for frame in frames:
+            writer.write(frame)
+    finally:
+        writer.release()
+    Path(f"{path}.json").write_text(json.dumps(
+        {"fps": fps, "size": [width, height],
+         "placements": [vars(p) for p in plan]}, indent=2) + "\n")
+    return plan

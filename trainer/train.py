@@ -292,7 +292,7 @@ def train(cfg: TrainConfig) -> Path:
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step) * group["lr_mult"]
-            x = torch.from_numpy(np.stack([augment(pool.images[j], spec, rng)
+            x = torch.from_numpy(np.stack([augment(pool.images[j], spec, rng, cfg.erasing)
                                            for j in idx])).to(device).contiguous(
                 memory_format=torch.channels_last)
             mixed = cfg.cutmix and rng.random() < cfg.cutmix
