@@ -12,7 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(include=["device*", "trainer*", "models*"]),
+    packages=find_packages(include=["device*", "trainer*", "models*", "kiosk_ui*"]),
+    package_data={"kiosk_ui": ["templates/*.html", "static/*.css", "static/*.js"]},
     # The kiosk runtime: no torch here, the device imports none of it.
     install_requires=[
         "numpy>=1.26",
@@ -21,6 +22,8 @@ setup(
         "onnxruntime>=1.18",
         "sqlite-utils>=4",
         "tqdm>=4.66",
+        "flask>=3",  # the kiosk UI (kiosk_ui/)
+        "psutil>=5.9",  # the status page's CPU load and temperatures
     ],
     extras_require={
         "train": [
@@ -33,6 +36,8 @@ setup(
         # On a Jetson, tensorrt comes with JetPack; torch2trt is built from source (see README).
         "jetson": ["tensorrt", "pycuda", "jetson-stats"],
         "test": ["pytest>=8", "pillow>=10", "ruff>=0.6"],
+        # bench/catalog_scale.py's reference column; the kiosk never imports it.
+        "bench": ["faiss-cpu>=1.8"],
     },
     entry_points={
         "console_scripts": ["storyscan=device.cli:main"],

@@ -6,7 +6,7 @@
    export, and report `val` fine/coarse top-1, top-5 and macro-F1 for FP32 and INT8, plus
    what the kiosk matcher gets (trained prototypes + the catalog's reference photos), with and
    without the "classify first, then search within the category" restriction, and the recall
-   of binary-hash search against exact search.
+   of hashed (4-bit code shortlist) search against exact search.
 2. New products: every 4th product (20 of Grocery's 81) is held out of training entirely; the
    held-out ones are then enrolled into the kiosk catalog from (a) 5 training photos each or
    (b) their single catalog (iconic) photo, and their `val` photos are recognised among all
@@ -218,7 +218,7 @@ def main() -> None:
           "INT8/FP32 agree"]),
         ("1. Closed set: kiosk matcher (INT8, prototypes + catalog photos)", closed["search"],
          ["search", "top-1", "top-5", "match µs"]),
-        ("1. Closed set: binary-hash shortlist + float re-rank vs exact search",
+        ("1. Closed set: hash (4-bit code) shortlist + float re-rank vs exact search",
          closed["hashing"], ["shortlist", "recall@1", "recall@5", "match µs"]),
         (f"2. New products ({len(held)} held out of training, {int(is_new.sum())} val photos)",
          new_rows, ["enrolled from", "new top-1", "new top-5", "known top-1", "known top-5"]),

@@ -313,7 +313,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="search only products of the model's N likeliest categories "
                         "(default 0: all products)")
     p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N",
-                   help="shortlist N reference embeddings by binary hash before exact "
+                   help="shortlist N reference embeddings by their 4-bit codes before exact "
                         "matching, for very large catalogs (default 0: exact search)")
     p.set_defaults(func=cmd_scan)
 
@@ -377,8 +377,10 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     add_catalog_arg(q)
     q.set_defaults(func=cmd_catalog_list)
 
-    from kiosk_ui.config import ConfigError  # light: no Flask
-
+    try:
+        from kiosk_ui.config import ConfigError  # light: no Flask
+    except ImportError:  # a device without the UI: everything else works
+        return []
     return [ConfigError]
 
 
