@@ -29,8 +29,10 @@ demo: $(VENV)/.installed
 		--bundle $(DEMO)/bundle
 	$(STORYSCAN) scan $(DEMO)/data/scans --bundle $(DEMO)/bundle --catalog $(DEMO)/catalog.db \
 		--labels-from-folders --summary
-	$(STORYSCAN) kiosk --camera '$(DEMO)/data/scan_video.avi?fps=0' --bundle $(DEMO)/bundle \
-		--catalog $(DEMO)/catalog.db --max-scans 8 --duration 300
+	printf '1234\n' | $(STORYSCAN) kiosk-pin --catalog $(DEMO)/catalog.db --pin-stdin
+	@echo "demo staff PIN: 1234"
+	$(STORYSCAN) kiosk --camera $(DEMO)/data/scan_video.avi --bundle $(DEMO)/bundle \
+		--catalog $(DEMO)/catalog.db --ui 127.0.0.1:8080
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -31,6 +31,7 @@ Two ways to search less than everything, both off by default:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -38,7 +39,9 @@ import numpy as np
 
 NO_CATEGORY = -1  # a product whose category the model does not know: searched always
 SCAN_FROM = 8_192  # references; below, one float32 pass beats the 7-bit scan and its overheads
-SCAN_THREADS = 1  # a single query's scan is memory-bound: a second thread gains little
+# every core, as the engine uses (a scan runs after inference, with the cores free): measured
+# on this 2-core machine, 1M references hash-shortlisted in 6.9 ms on two threads, 14.2 on one
+SCAN_THREADS = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -326,13 +329,12 @@ class Matcher:
         if not len(products):
             return []
         top = _best_first(products, similarity, k)
-        logits = similarity.astype(np.float64)
-        logits -= similarity[top[0]]
-        logits *= self.scale
+        logits = similarity - similarity[top[0]]  # <= 0: exp cannot overflow in float32
+        logits *= np.float32(self.scale)
         np.exp(logits, out=logits)
-        probs = logits[top] / logits.sum()
-        return [Match(self.products[products[i]], float(similarity[i]), float(p))
-                for i, p in zip(top, probs, strict=True)]
+        probs = (logits[top] / logits.sum(dtype=np.float64)).tolist()
+        names = [self.products[p] for p in products[top].tolist()]
+        return [Match(*m) for m in zip(names, similarity[top].tolist(), probs, strict=True)]
 
     # --- the three searches --------------------------------------------------------------------
 

@@ -29,8 +29,8 @@ def test_help_lists_only_the_commands_that_exist() -> None:
     assert result.returncode == 0
     listed = {ln.split()[0] for ln in result.stdout.splitlines()
               if ln.startswith("    ") and not ln.startswith("     ")}
-    assert listed == {"scan", "enroll", "catalog", "demo-data", "train", "evaluate", "export",
-                      "compare"}
+    assert listed == {"scan", "enroll", "kiosk", "kiosk-pin", "catalog", "demo-data", "train",
+                      "evaluate", "export", "compare"}
 
 
 def test_missing_data_folder_is_one_line(tmp_path: Path) -> None:
