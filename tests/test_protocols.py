@@ -22,7 +22,7 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for title in ("1. Closed set: classifier heads", "kiosk matcher", "binary-hash",
+    for title in ("1. Closed set: classifier heads", "kiosk matcher", "hash (4-bit code) shortlist",
                   "2. New products (2 held out of training, 6 val photos)",
                   "3. Unknown items"):
         assert title in out
