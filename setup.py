@@ -12,7 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(include=["device*", "trainer*", "models*", "kiosk_ui*"]),
+    packages=find_packages(include=["device*", "trainer*", "models*", "kiosk_ui*", "fleet*",
+                                    "provisioning*"]),
     package_data={"kiosk_ui": ["templates/*.html", "static/*.css", "static/*.js"]},
     # The kiosk runtime: no torch here, the device imports none of it.
     install_requires=[
@@ -24,6 +25,8 @@ setup(
         "tqdm>=4.66",
         "flask>=3",  # the kiosk UI (kiosk_ui/)
         "psutil>=5.9",  # the status page's CPU load and temperatures
+        "paho-mqtt>=2.0,<3",  # the fleet agent (device/sync.py) and controller (fleet/)
+        "cryptography>=42",  # provisioning's fleet CA and certificates
     ],
     extras_require={
         "train": [
@@ -35,9 +38,13 @@ setup(
         ],
         # On a Jetson, tensorrt comes with JetPack; torch2trt is built from source (see README).
         "jetson": ["tensorrt", "pycuda", "jetson-stats"],
-        "test": ["pytest>=8", "pillow>=10", "ruff>=0.6"],
+        # playwright drives Debian's chromium in tests/test_browser.py (its own browser
+        # downloads are never used: `make test` installs chromium with apt-get)
+        "test": ["pytest>=8", "pillow>=10", "ruff>=0.6", "playwright>=1.45"],
         # bench/catalog_scale.py's reference column; the kiosk never imports it.
         "bench": ["faiss-cpu>=1.8"],
+        # the fleet controller's PostgreSQL database (SQLite needs nothing)
+        "fleet": ["psycopg[binary]>=3.1"],
     },
     entry_points={
         "console_scripts": ["storyscan=device.cli:main"],
@@ -45,6 +52,9 @@ setup(
         "storyscan.commands": [
             "device=device.cli:register",
             "trainer=trainer.cli:register",
+            "agent=device.sync:register",
+            "fleet=fleet.cli:register",
+            "provisioning=provisioning.cli:register",
         ],
     },
 )

@@ -30,7 +30,7 @@ def test_help_lists_only_the_commands_that_exist() -> None:
     listed = {ln.split()[0] for ln in result.stdout.splitlines()
               if ln.startswith("    ") and not ln.startswith("     ")}
     assert listed == {"scan", "enroll", "kiosk", "kiosk-pin", "catalog", "demo-data", "train",
-                      "evaluate", "export", "compare"}
+                      "evaluate", "export", "compare", "agent", "fleet", "provision"}
 
 
 def test_missing_data_folder_is_one_line(tmp_path: Path) -> None:
