@@ -8,14 +8,14 @@ STORYSCAN := $(BIN)/storyscan
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEMO := demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The trainer extra brings torch 2.13.0 (CPU build); the device itself needs none of it.
 $(VENV)/.installed: setup.py | $(BIN)/python
-	$(PIP) -e '.[train,test]' 2>&1 | grep -v -e '^WARNING: Location' -e '^$$' || true
+	$(PIP) -e '.[train,test,fleet]' 2>&1 | grep -v -e '^WARNING: Location' -e '^$$' || true
 	$(BIN)/python -c "import torch, onnxruntime, cv2, sqlite_utils" 
 	touch $@
 
@@ -34,7 +34,27 @@ demo: $(VENV)/.installed
 	$(STORYSCAN) kiosk --camera $(DEMO)/data/scan_video.avi --bundle $(DEMO)/bundle \
 		--catalog $(DEMO)/catalog.db --ui 127.0.0.1:8080
 
-test: $(VENV)/.installed
+# tests/test_browser.py drives Debian's chromium headless through Playwright (the test extra;
+# Playwright's own browser downloads are never used). Installed here when missing: apt-get as
+# root, through sudo otherwise; without apt-get the browser tests skip ("chromium not installed").
+CHROMIUM := /usr/bin/chromium
+APT_BROWSER := apt-get install -y --no-install-recommends chromium chromium-driver
+
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive $(APT_BROWSER) >/dev/null || \
+	    { $$sudo apt-get update -qq && \
+	      $$sudo env DEBIAN_FRONTEND=noninteractive $(APT_BROWSER) >/dev/null; } || \
+	    echo "note: chromium could not be installed: the browser tests will be skipped"; \
+	  else \
+	    echo "note: no apt-get here: install chromium, or the browser tests will be skipped"; \
+	  fi; \
+	fi
+
+test: $(VENV)/.installed chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -27,7 +27,9 @@ class SystemMonitor:
         self._cached: tuple[float, dict] | None = None
         self._jetson = None
         self._jtop_failed = False
-        psutil.cpu_percent(None)  # the first call only sets the reference point
+        # CPU load between two readings, from the totals: psutil.cpu_percent(None) keeps its
+        # reference point per thread, and each request comes on a new one (always 0.0 then)
+        self._cpu_times = psutil.cpu_times()
 
     def read(self) -> dict:
         with self._lock:
@@ -38,7 +40,7 @@ class SystemMonitor:
 
     def _sample(self) -> dict:
         memory = psutil.virtual_memory()
-        out = {"source": "psutil", "cpu_percent": psutil.cpu_percent(None),
+        out = {"source": "psutil", "cpu_percent": self._cpu_percent(),
                "cpu_count": psutil.cpu_count(), "load_average": [round(x, 2) for x in
                                                                  os.getloadavg()],
                "memory_percent": memory.percent, "temperatures_c": self._temperatures(),
@@ -57,6 +59,14 @@ class SystemMonitor:
                 log.warning("jtop stopped answering (%s); reading psutil only", e)
                 self._close_jtop()
         return out
+
+    def _cpu_percent(self) -> float:
+        """Share of CPU time busy since the previous reading (all cores), in percent."""
+        now = psutil.cpu_times()
+        before, self._cpu_times = self._cpu_times, now
+        idle = (now.idle + getattr(now, "iowait", 0)) - (before.idle + getattr(before, "iowait", 0))
+        total = sum(now) - sum(before)
+        return round(100 * max(0.0, 1 - idle / total), 1) if total > 0 else 0.0
 
     def _jtop(self):
         if _jtop is None or self._jtop_failed:
