@@ -39,9 +39,9 @@ Commands are a registry (`COMMANDS`, `@command(name)`): each handler gets the ag
 command's args and returns a Result, or a Future of one for work done elsewhere (the kiosk's
 thread). Built now: `ping`, `set-config KEY VALUE` (persisted to the device config file, applied
 at once) and `reload-catalog` (in the kiosk's process only; standalone it is acked as
-unsupported here). A command the agent does not know is acked with an error. Model and catalog
-releases (deploy, rollback, the group's retained release topics) are not built yet: they will
-register their handlers here and add their subscriptions with `Agent.add_route`.
+unsupported here). A command the agent does not know is acked with an error. Model releases
+(device/updates.py) subscribe to the group's retained `release/model` with `Agent.add_route`
+and add the `rollback` command; catalog releases are not built yet.
 """
 
 from __future__ import annotations
@@ -583,6 +583,10 @@ class Agent:
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
         self.add_route(config.topic("cmd"), self._on_command_message)
+        # model releases: the group's retained release topic and the rollback command
+        from device.updates import ModelUpdater
+
+        self.updater = ModelUpdater(self)
 
     # --- extension points ----------------------------------------------------------------------
 
@@ -679,6 +683,7 @@ class Agent:
                 info.wait_for_publish(timeout=3)
             self.client.disconnect()
         self.client.loop_stop()
+        self.updater.close()
         self.scan_log.close()
         self.outbox.close()
         self.monitor.close()

@@ -13,7 +13,9 @@ broker settings come from device/sync.py, so the two cannot drift apart.
   every event is stored once per (fleet, device, seq).
 - fleet/controller.py: the ingest loop (MQTT 5, persistent session, each message acknowledged
   only after it is committed).
-- fleet/cli.py: `storyscan fleet controller|status|stats|command`.
+- fleet/release.py: model releases: the operator's Ed25519 key, signed bundle archives, the
+  retained release message, and an HTTP server with Range requests for the archives.
+- fleet/cli.py: `storyscan fleet controller|status|stats|command|keygen|publish-model|serve`.
 
-Model and catalog releases (publish, serve, staged rollout) are not built yet.
+Not built yet: staged rollout (waves) and catalog releases.
 """

@@ -5,6 +5,10 @@ entry point; nothing heavy is imported until a command runs).
     storyscan fleet status --db fleet.db
     storyscan fleet stats --db fleet.db --by day,product --csv stats.csv
     storyscan fleet command kiosk-001 ping --config provisioned/ops/controller.json
+    storyscan fleet keygen --out keys/
+    storyscan fleet publish-model BUNDLE --group store-12 --artifacts www/ \
+        --url-base http://ops.example:8000 --key keys/release.key --config controller.json
+    storyscan fleet serve www/ --port 8000
 """
 
 from __future__ import annotations
@@ -160,6 +164,49 @@ def cmd_command(args: argparse.Namespace) -> int:
     return 0 if ack.get("ok") else 1
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from fleet.release import keygen
+
+    private, public = keygen(args.out, force=args.force)
+    print(f"release key pair written: {private} (private, mode 0600: keep it on the operator's "
+          f"side) and {public} (give it to every device: storyscan provision --release-key "
+          f"{public})")
+    return 0
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    from fleet.release import load_private_key, make_release, publish
+
+    broker, fleet, name = _broker(args)
+    release = make_release(args.bundle, args.artifacts, args.url_base,
+                           load_private_key(args.key), fleet, args.group)
+    m = release.message
+    print(f"{release.archive}: {m['size']} bytes, sha256 {m['sha256']}, signed")
+    publish(broker, fleet, release.topic, m, client_name=name, timeout=args.timeout)
+    print(f"release {m['name']} {m['version']} published (retained) on {release.topic}: "
+          f"{m['url']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fleet.release import make_server
+
+    server = make_server(args.folder, args.port, args.host)
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"serving {args.folder} on http://{args.host}:{server.server_address[1]}/ "
+          "(Range requests honoured); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def _add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the controller config from 'storyscan provision NAME "
                                     "--controller' (broker, credentials, TLS files, fleet)")
@@ -207,7 +254,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
 
     q = fsub.add_parser("command", help="send a command to a device and wait for its ack")
     q.add_argument("device")
-    q.add_argument("name", choices=("ping", "set-config", "reload-catalog"),
+    q.add_argument("name", choices=("ping", "set-config", "reload-catalog", "rollback"),
                    help="the command")
     q.add_argument("args", nargs="*", help="set-config: KEY VALUE")
     _add_broker_args(q)
@@ -217,7 +264,32 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     q.add_argument("--json", action="store_true", help="print the whole ack as JSON")
     q.set_defaults(func=cmd_command)
 
+    q = fsub.add_parser("keygen", help="make the operator's Ed25519 release key pair")
+    q.add_argument("--out", required=True, help="folder for release.key and release.pub")
+    q.add_argument("--force", action="store_true", help="replace an existing key pair")
+    q.set_defaults(func=cmd_keygen)
+
+    q = fsub.add_parser("publish-model", help="sign a model bundle, put its archive in the "
+                                              "artifacts folder, announce it to a group")
+    q.add_argument("bundle", help="the bundle folder (storyscan export)")
+    q.add_argument("--group", required=True, help="the devices' group")
+    q.add_argument("--artifacts", required=True,
+                   help="folder the archives are served from (storyscan fleet serve)")
+    q.add_argument("--url-base", required=True,
+                   help="the artifacts folder's URL as devices reach it")
+    q.add_argument("--key", required=True, help="the release private key (fleet keygen)")
+    _add_broker_args(q)
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker")
+    q.set_defaults(func=cmd_publish_model)
+
+    q = fsub.add_parser("serve", help="serve release archives over HTTP (with Range requests)")
+    q.add_argument("folder")
+    q.add_argument("--port", type=int, default=8000)
+    q.add_argument("--host", default="0.0.0.0")
+    q.set_defaults(func=cmd_serve)
+
     from device.sync import ConfigError
     from fleet.db import FleetDBError
 
-    return [ConfigError, FleetDBError, PermissionError]
+    # fleet/release.py's ReleaseError is a ConfigError
+    return [ConfigError, FleetDBError, PermissionError, TimeoutError]

@@ -84,6 +84,7 @@ _OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
     "heads.fine.unknown_tar": (int, float),  # share of known val photos it accepts, in (0, 1]
     "heads.attributes": (dict,),  # only when trained with attribute labels
     "tensorrt": (dict,),  # ready TensorRT engines (`storyscan export --tensorrt torch2trt`)
+    "golden": (dict,),  # self-test inputs and their expected outputs (device/updates.py)
 }
 # What a ready TensorRT engine's entry says: the device loads it only when its TensorRT version
 # and GPU match (device/engines/tensorrt.py); the file is covered by 'files' like any other.
@@ -126,6 +127,18 @@ def _tensorrt_problem(section: dict, files: dict) -> str | None:
         if entry["file"] not in files:
             return (f"manifest.json refers to {entry['file']!r} but does not list it under "
                     "'files'")
+    return None
+
+
+def _golden_problem(section: dict, files: dict) -> str | None:
+    outputs = section.get("outputs")
+    if (not isinstance(section.get("inputs"), str) or not isinstance(outputs, dict)
+            or not outputs or not all(isinstance(v, str) for v in outputs.values())):
+        return ("manifest.json 'golden' needs 'inputs' (a file) and 'outputs' (output name -> "
+                "file)")
+    for name in [section["inputs"], *outputs.values()]:
+        if name not in files:
+            return (f"manifest.json refers to {name!r} but does not list it under 'files'")
     return None
 
 
@@ -178,6 +191,8 @@ def manifest_problem(m: object) -> str | None:
         if name not in m["files"]:
             return f"manifest.json refers to {name!r} but does not list it under 'files'"
     if "tensorrt" in m and (problem := _tensorrt_problem(m["tensorrt"], m["files"])):
+        return problem
+    if "golden" in m and (problem := _golden_problem(m["golden"], m["files"])):
         return problem
     for name, entry in m["files"].items():
         if Path(name).name != name or name in (MANIFEST, "", ".", ".."):

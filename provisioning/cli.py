@@ -24,7 +24,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
             raise ProvisionError("a device needs its --group (or give --controller)")
         p = provision_device(args.name, args.fleet, args.group, args.out, args.broker,
                              args.ca_dir, data_dir=args.data_dir or DEFAULT_DATA,
-                             prefix=args.prefix, camera=args.camera)
+                             prefix=args.prefix, camera=args.camera,
+                             release_key=args.release_key)
         what = f"device {p.name} of fleet {args.fleet}, group {args.group}"
     ca_dir = args.ca_dir or os.path.join(args.out, f"ca-{args.fleet}")
     print(f"provisioned {what} in {p.folder}/ (broker user {p.username}; config {p.config})")
@@ -35,8 +36,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
     print("\n# ACL lines:")
     print(p.acl, end="")
     if not args.controller:
-        print("\nnot included: the operator's release public key (model and catalog releases "
-              "are not built yet)")
+        if args.release_key:
+            print(f"\nthe operator's release public key: {p.folder}/release.pub (model "
+                  "releases signed with its private key are accepted)")
+        else:
+            print("\nnot included: the operator's release public key (give --release-key "
+                  "PUBKEY from 'storyscan fleet keygen'; until then the device refuses model "
+                  "releases)")
         print(f"next: copy {p.folder}/ to the kiosk and run 'sudo ./jetson-setup.sh' there")
     return 0
 
@@ -60,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--prefix", default="/opt/storyscan",
                    help="where storyscan is installed on the device (a virtualenv)")
     p.add_argument("--camera", default="v4l2:0", help="the kiosk unit's camera")
+    p.add_argument("--release-key", metavar="PUBKEY",
+                   help="the operator's release public key (release.pub from 'storyscan fleet "
+                        "keygen'): the device installs only releases signed with its key")
     p.set_defaults(func=cmd_provision)
     from provisioning.provision import ProvisionError
 

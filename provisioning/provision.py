@@ -23,8 +23,11 @@ The broker password is random (24 bytes, base64url) and stored on the device in 
 (`user <fleet>.<device>` blocks), not the client id: a device writes only its own status,
 telemetry, scans and ack topics and reads only its own cmd topic and its group's topics.
 
-Not included: the operator's release public key. Model and catalog releases (signed with the
-operator's Ed25519 key) are not built yet; provisioning will add the key when they are.
+With `release_key` (`--release-key`), the operator's Ed25519 release public key (from
+`storyscan fleet keygen`) is copied to the folder as `release.pub` and named in device.json
+(`"release_key"`): the device installs only model releases signed with its private key
+(device/updates.py). Without it the device refuses every release, saying why. The controller may
+write its fleet's group release topics (`storyscan/v1/<fleet>/groups/+/release/#`).
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def controller_acl(fleet: str, name: str) -> str:
         *(f"topic read {device_topic(fleet, '+', leaf)}"
           for leaf in ("status", "telemetry", "scans", "ack")),
         f"topic write {device_topic(fleet, '+', 'cmd')}",
+        f"topic write {group_topic(fleet, '+', 'release/#')}",
     ]) + "\n"
 
 
@@ -444,6 +448,9 @@ usermod -a -G video storyscan
 install -d -o storyscan -g storyscan -m 0750 "$DATA" "$ETC"
 install -o storyscan -g storyscan -m 0600 "$HERE/device.json" "$HERE/client.key" "$ETC/"
 install -o storyscan -g storyscan -m 0644 "$HERE/ca.crt" "$HERE/client.crt" "$ETC/"
+if [ -f "$HERE/release.pub" ]; then  # the operator's release public key (--release-key)
+    install -o storyscan -g storyscan -m 0644 "$HERE/release.pub" "$ETC/"
+fi
 
 # 3. the kiosk and the agent
 install -m 0644 "$HERE/systemd/storyscan-kiosk.service" \\
@@ -529,12 +536,26 @@ def _broker_json(host: str, port: int, user: str, password: str) -> dict:
 def provision_device(device: str, fleet: str, group: str, out: str | Path = "provisioned",
                      broker: str = "localhost:8883", ca_dir: str | Path | None = None,
                      data_dir: str = DEFAULT_DATA, prefix: str = DEFAULT_PREFIX,
-                     camera: str = "v4l2:0") -> Provisioned:
-    """Provision one kiosk (again: a new password and client certificate replace the old)."""
+                     camera: str = "v4l2:0", release_key: str | Path | None = None
+                     ) -> Provisioned:
+    """Provision one kiosk (again: a new password and client certificate replace the old);
+    `release_key`: the operator's release public key (PEM), copied to the folder."""
     try:
         check_name("group", group)
     except ConfigError as e:
         raise ProvisionError(str(e)) from None
+    if release_key is not None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            key = serialization.load_pem_public_key(Path(release_key).read_bytes())
+        except (OSError, ValueError) as e:
+            raise ProvisionError(f"{release_key}: cannot read the release public key "
+                                 f"({e})") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise ProvisionError(f"{release_key}: not an Ed25519 public key (storyscan fleet "
+                                 "keygen makes one)")
     acl = device_acl(fleet, group, device)
     _, host, port, folder, broker_dir, user, password, entry = _common(
         "device", device, fleet, out, broker, ca_dir, acl)
@@ -545,9 +566,15 @@ def provision_device(device: str, fleet: str, group: str, out: str | Path = "pro
                    for leaf in ("status", "telemetry", "scans", "ack", "cmd")}
         | {"group": group_topic(fleet, group, "#")},
         "paths": {"catalog": f"{data_dir}/catalog.db", "scans": f"{data_dir}/scans.db",
-                  "outbox": f"{data_dir}/outbox.db", "bundle": f"{data_dir}/bundle"},
+                  "outbox": f"{data_dir}/outbox.db", "bundle": f"{data_dir}/bundle",
+                  "releases": f"{data_dir}/releases"},
         "agent": dict(AGENT_DEFAULTS),
     }
+    if release_key is not None:
+        shutil.copyfile(release_key, folder / "release.pub")
+        config["release_key"] = "release.pub"
+    else:
+        (folder / "release.pub").unlink(missing_ok=True)
     write_json_atomic(folder / "device.json", config)
     units = folder / "systemd"
     units.mkdir(exist_ok=True)

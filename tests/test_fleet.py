@@ -557,23 +557,23 @@ def test_commands_are_acked(provisioned: Fleet, broker: Broker, tmp_path: Path) 
     agent = Agent(config).start()
     settings = controller_settings(provisioned, broker)
     try:
-        ack = send_command(settings, FLEET, "k2", "ping", timeout=10, client_name="ops")
+        ack = send_command(settings, FLEET, "k2", "ping", timeout=30, client_name="ops")
         assert ack["ok"] and ack["message"] == "pong" and ack["data"]["software"]
         ack = send_command(settings, FLEET, "k2", "set-config",
-                           {"key": "agent.telemetry_every_s", "value": "30"}, timeout=10,
+                           {"key": "agent.telemetry_every_s", "value": "30"}, timeout=30,
                            client_name="ops")
         assert ack["ok"] and ack["data"] == {"key": "agent.telemetry_every_s", "value": 30.0}
         assert json.loads(config.path.read_text())["agent"]["telemetry_every_s"] == 30.0
         assert agent.config.agent["telemetry_every_s"] == 30.0  # applied at once
         ack = send_command(settings, FLEET, "k2", "set-config",
-                           {"key": "broker.host", "value": "evil.example"}, timeout=10,
+                           {"key": "broker.host", "value": "evil.example"}, timeout=30,
                            client_name="ops")
         assert not ack["ok"] and "cannot be set remotely" in ack["message"]
         assert json.loads(config.path.read_text())["broker"]["host"] == "127.0.0.1"
-        ack = send_command(settings, FLEET, "k2", "reload-catalog", timeout=10,
+        ack = send_command(settings, FLEET, "k2", "reload-catalog", timeout=30,
                            client_name="ops")
         assert not ack["ok"] and ack["message"].startswith("unsupported here")
-        ack = send_command(settings, FLEET, "k2", "deploy-model", timeout=10,
+        ack = send_command(settings, FLEET, "k2", "deploy-model", timeout=30,
                            client_name="ops")
         assert not ack["ok"] and "unknown command 'deploy-model'" in ack["message"]
         # a command delivered twice (QoS 1) is carried out once and acked twice alike
@@ -581,7 +581,7 @@ def test_commands_are_acked(provisioned: Fleet, broker: Broker, tmp_path: Path) 
         assert not ops.connect().is_failure
         for _ in range(2):
             ops.publish(device_topic(FLEET, "k2", "cmd"), {"id": "same", "command": "ping"})
-        wait_for(lambda: len(controller.db.acks("same")) == 2, 10, "two acks")
+        wait_for(lambda: len(controller.db.acks("same")) == 2, 30, "two acks")
         first, second = controller.db.acks("same")
         assert (first["message"], first["time"]) == (second["message"], second["time"])
         ops.close()
@@ -658,6 +658,9 @@ def test_in_process_agent_with_a_real_kiosk(provisioned: Fleet, broker: Broker,
                                      client_name="ops"))
             kiosk.stop()
             runner.join(30)
+        # the loop may have recorded another scan meanwhile: wait until it has arrived too
+        wait_for(lambda: controller.db.count("scans", FLEET, "k4") == len(scan_log), 15,
+                 "every recorded scan")
         stored = controller.db.scans(FLEET, "k4")
         recorded = sorted(scan_log.recent(100), key=lambda r: r["id"])
         assert [r["scan_id"] for r in stored] == [r["id"] for r in recorded]

@@ -60,6 +60,8 @@ from trainer.train import holdout_products, load_checkpoint, predict
 OPSET = 17
 UNKNOWN_TAR = 0.95  # share of correctly recognised val photos the unknown threshold keeps
 ATTRIBUTE_THRESHOLD = 0.5  # probability above which the kiosk reports an attribute
+GOLDEN_INPUTS = 4  # validation inputs shipped with their INT8 outputs for a device's self-test
+GOLDEN_MIN_COSINE = 0.98  # a device's embedding of a golden input must be this close
 TENSORRT_PATHS = ("onnx", "torch2trt")  # onnx: the kiosk builds its engine from the bundle
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax,
                        "entropy": CalibrationMethod.Entropy,
@@ -356,6 +358,17 @@ def export(cfg: ExportConfig) -> Bundle:
                               f"below --min-agreement {cfg.min_agreement:.1%}; bundle not "
                               "written (use --force to write it anyway)")
         files = {fp32.name: fp32, int8.name: int8, protos.name: protos}
+        # golden inputs and their INT8 outputs: a device runs them after a release arrives and
+        # refuses the bundle when its engine does not reproduce them (device/updates.py)
+        golden = Path(tmp) / "golden"
+        golden.mkdir()
+        pick = np.linspace(0, len(val) - 1, num=min(GOLDEN_INPUTS, len(val))).astype(int)
+        np.save(golden / "golden_inputs.npy", np.stack([val.images[i] for i in pick]))
+        np.save(golden / "golden_embedding.npy", results["int8"]["embedding"][pick])
+        files |= {f.name: f for f in sorted(golden.iterdir())}
+        golden_section = {"golden": {"inputs": "golden_inputs.npy",
+                                     "outputs": {"embedding": "golden_embedding.npy"},
+                                     "precision": "int8", "min_cosine": GOLDEN_MIN_COSINE}}
         trt_section = {}
         if cfg.tensorrt == "torch2trt":
             engine, entry, trt_agreement = export_torch2trt(
@@ -393,6 +406,7 @@ def export(cfg: ExportConfig) -> Bundle:
             "training": {"epochs": ckpt["epoch"], "data": str(cfg.data)},
             "test_time": "flip-average" if cfg.flip else "none",
             **trt_section,
+            **golden_section,
         }
         bundle = write_bundle(cfg.out, manifest, files)
     print(f"bundle written: {bundle.path} ({bundle.key})")
