@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -169,7 +170,6 @@ def cmd_kiosk(args: argparse.Namespace) -> int:
     """The kiosk loop in the foreground: one line per scan on stdout (written to the scan log
     first), camera trouble and health on stderr; Ctrl-C or SIGTERM stop it cleanly."""
     import logging
-    import signal
     import threading
 
     from device.camera import Camera, parse_uri
@@ -385,6 +385,10 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C (SIGINT) always stops a command cleanly, also when whatever started it ignores
+    # SIGINT (a background job of a non-interactive shell, a service manager): Python would
+    # otherwise inherit the ignore and a kiosk could only be killed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(
         prog="storyscan",
         description="storyscan: recognise a product in a photo and tell its story; train and "
