@@ -57,7 +57,6 @@ import signal
 import sqlite3
 import ssl
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +73,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from device.files import write_json_atomic
 from device.outbox import KINDS, Outbox
 
 if TYPE_CHECKING:
@@ -294,29 +294,6 @@ class DeviceConfig:
         if section == "agent":
             self.agent[name] = value
         return value
-
-
-def write_json_atomic(path: Path, data: dict, mode: int = 0o600) -> None:
-    """Write JSON to a temporary file beside `path`, fsync, rename over it, fsync the folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 # --- commands ----------------------------------------------------------------------------------

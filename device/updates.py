@@ -56,7 +56,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device.sync import Agent, Result, group_topic, write_json_atomic
+from device.files import write_json_atomic
+from device.sync import Agent, Result, group_topic
 from models.bundle import MANIFEST, Bundle, BundleError, load_bundle, sha256_file
 
 if TYPE_CHECKING:

@@ -15,12 +15,13 @@ and a few display settings. The default file is `kiosk.json` beside the catalog;
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from pathlib import Path
 
 from werkzeug.security import check_password_hash, generate_password_hash
+
+from device.files import write_json_atomic
 
 CONFIG_NAME = "kiosk.json"
 PIN_PATTERN = re.compile(r"[0-9]{4,12}")
@@ -56,14 +57,7 @@ def save(path: str | Path, config: dict) -> None:
     """Write atomically (a crash leaves the old file or the new one), mode 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, config)
 
 
 def ensure_secret(path: str | Path) -> dict:

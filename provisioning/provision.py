@@ -42,6 +42,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from device.files import write_json_atomic
 from device.sync import (
     AGENT_DEFAULTS,
     ConfigError,
@@ -50,7 +51,6 @@ from device.sync import (
     group_topic,
     parse_host_port,
     username,
-    write_json_atomic,
 )
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd (2.0) writes
