@@ -557,6 +557,10 @@ def test_commands_are_acked(provisioned: Fleet, broker: Broker, tmp_path: Path) 
     agent = Agent(config).start()
     settings = controller_settings(provisioned, broker)
     try:
+        # a brand-new device session only gets commands sent after it subscribed; its birth
+        # message follows its subscriptions, so "online" at the controller means it listens
+        wait_for(lambda: any(r["device"] == "k2" and r["state"] == "online"
+                             for r in controller.db.status(FLEET)), 30, "k2 online")
         ack = send_command(settings, FLEET, "k2", "ping", timeout=30, client_name="ops")
         assert ack["ok"] and ack["message"] == "pong" and ack["data"]["software"]
         ack = send_command(settings, FLEET, "k2", "set-config",
@@ -607,6 +611,7 @@ def test_a_command_sent_while_the_device_is_away_arrives_when_it_is_back(
     config = DeviceConfig.load(device_config(provisioned, "k3", broker, tmp_path))
     agent = Agent(config).start()  # once, so the broker knows its persistent session
     wait_for(lambda: agent._connected, 10, "the agent to connect")
+    time.sleep(0.5)  # its SUBSCRIBE, sent on connect, reaches the broker's session
     agent.stop()
     settings = controller_settings(provisioned, broker)
     result: list = []
