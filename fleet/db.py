@@ -250,15 +250,14 @@ class FleetDB:
         return self._rows(f"SELECT count(*) AS n FROM {table}{where}", params)[0]["n"]
 
     @staticmethod
-    def _where(fleet: str | None, device: str | None = None) -> tuple[str, list]:
-        clauses, params = [], []
-        if fleet:
-            clauses.append("fleet = ?")
-            params.append(fleet)
-        if device:
-            clauses.append("device = ?")
-            params.append(device)
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+    def _where(fleet: str | None, device: str | None = None,
+               *more: tuple[str, object]) -> tuple[str, list]:
+        """A WHERE clause (or "") and its parameters: the fleet, the device and any further
+        (condition, value) pairs, each left out when its value is empty."""
+        pairs = [("fleet = ?", fleet), ("device = ?", device), *more]
+        kept = [(clause, value) for clause, value in pairs if value]
+        return ((" WHERE " + " AND ".join(c for c, _ in kept)) if kept else "",
+                [v for _, v in kept])
 
     def scans(self, fleet: str | None = None, device: str | None = None) -> list[dict]:
         where, params = self._where(fleet, device)
@@ -310,15 +309,7 @@ class FleetDB:
         `until` (UTC dates, inclusive); unknown items are counted under product "(unknown)"."""
         if not by or any(b not in STATS_BY for b in by):
             raise ValueError(f"group by {by}: choose from {', '.join(STATS_BY)}")
-        where, params = self._where(fleet)
-        clauses = [where[7:]] if where else []
-        if since:
-            clauses.append("day >= ?")
-            params.append(since)
-        if until:
-            clauses.append("day <= ?")
-            params.append(until)
-        cond = " WHERE " + " AND ".join(clauses) if clauses else ""
+        cond, params = self._where(fleet, None, ("day >= ?", since), ("day <= ?", until))
         cols = ["COALESCE(sku, '(unknown)') AS product" if b == "product" else STATS_BY[b]
                 for b in by]
         group = ", ".join("COALESCE(sku, '(unknown)')" if b == "product" else STATS_BY[b]

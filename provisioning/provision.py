@@ -45,6 +45,7 @@ from pathlib import Path
 from device.files import write_json_atomic
 from device.sync import (
     AGENT_DEFAULTS,
+    DEVICE_LEAVES,
     ConfigError,
     check_name,
     device_topic,
@@ -99,7 +100,7 @@ def device_acl(fleet: str, group: str, device: str) -> str:
         f"user {user}",
         f"# storyscan device {device} of fleet {fleet}, group {group}",
         *(f"topic write {device_topic(fleet, device, leaf)}"
-          for leaf in ("status", "telemetry", "scans", "ack")),
+          for leaf in DEVICE_LEAVES),
         f"topic read {device_topic(fleet, device, 'cmd')}",
         f"topic read {group_topic(fleet, group, '#')}",
     ]) + "\n"
@@ -111,7 +112,7 @@ def controller_acl(fleet: str, name: str) -> str:
         f"user {username(fleet, name)}",
         f"# storyscan controller {name} of fleet {fleet}",
         *(f"topic read {device_topic(fleet, '+', leaf)}"
-          for leaf in ("status", "telemetry", "scans", "ack")),
+          for leaf in DEVICE_LEAVES),
         f"topic write {device_topic(fleet, '+', 'cmd')}",
         f"topic write {group_topic(fleet, '+', 'release/#')}",
     ]) + "\n"
@@ -563,7 +564,7 @@ def provision_device(device: str, fleet: str, group: str, out: str | Path = "pro
         "device": device, "fleet": fleet, "group": group,
         "broker": _broker_json(host, port, user, password),
         "topics": {leaf: device_topic(fleet, device, leaf)
-                   for leaf in ("status", "telemetry", "scans", "ack", "cmd")}
+                   for leaf in (*DEVICE_LEAVES, "cmd")}
         | {"group": group_topic(fleet, group, "#")},
         "paths": {"catalog": f"{data_dir}/catalog.db", "scans": f"{data_dir}/scans.db",
                   "outbox": f"{data_dir}/outbox.db", "bundle": f"{data_dir}/bundle",
