@@ -40,13 +40,15 @@ VARIANTS = [
 
 
 def make_step(arch: str, size: int, batch: int, channels_last: bool, bf16: bool,
-              frozen: int) -> Callable[[], None]:
-    """A closure running one training step as trainer/train.py does."""
+              frozen: int) -> tuple[Callable[[], None], torch.dtype | None]:
+    """A closure running one training step as trainer/train.py does, and its autocast dtype:
+    the bf16 variants use bf16 where the CPU has it natively and FP32 elsewhere, as
+    `storyscan train --precision auto` does."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = build_recognizer(arch, 81, 43, "imagenet").to(memory_format=layout).train()
     for m in freeze_stages(model, frozen):
         m.eval()
-    dtype = pick_precision("bf16" if bf16 else "fp32", torch.device("cpu"))
+    dtype = pick_precision("auto" if bf16 else "fp32", torch.device("cpu"))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                           momentum=0.9)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
@@ -61,7 +63,7 @@ def make_step(arch: str, size: int, batch: int, channels_last: bool, bf16: bool,
         loss.backward()
         opt.step()
 
-    return step
+    return step, dtype
 
 
 def main() -> None:
@@ -81,7 +83,8 @@ def main() -> None:
 
     rows = []
     for arch, size in zip(archs, sizes, strict=True):
-        steps = [make_step(arch, size, args.batch_size, *v[1:]) for v in VARIANTS]
+        made = [make_step(arch, size, args.batch_size, *v[1:]) for v in VARIANTS]
+        steps = [step for step, _ in made]
         for step in steps:  # warm-up: oneDNN picks its kernels on the first call
             step()
         times: list[list[float]] = [[] for _ in steps]
@@ -91,11 +94,12 @@ def main() -> None:
                 step()
                 t.append(time.perf_counter() - t0)
         base = statistics.median(times[0])
-        for (name, cl, bf16, frozen), t in zip(VARIANTS, times, strict=True):
+        for (name, cl, bf16, frozen), t, (_, dtype) in zip(VARIANTS, times, made, strict=True):
             s = statistics.median(t)
             rows.append({"variant": f"{arch} {size} px: {name}",
                          "layout": "channels-last" if cl else "contiguous",
-                         "precision": "bf16 autocast" if bf16 else "FP32",
+                         "precision": "bf16 autocast" if dtype is not None
+                         else "FP32 (no native bf16)" if bf16 else "FP32",
                          "frozen stages": frozen, "s/step": s,
                          "photos/s": args.batch_size / s, "vs FP32": base / s})
     print(format_table(rows, COLUMNS))
