@@ -168,7 +168,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def cmd_kiosk(args: argparse.Namespace) -> int:
     """The kiosk loop in the foreground: one line per scan on stdout (written to the scan log
-    first), camera trouble and health on stderr; Ctrl-C or SIGTERM stop it cleanly."""
+    first), camera trouble and health on stderr; Ctrl-C or SIGTERM stop it cleanly. With
+    `--agent DEVICE_CONFIG` the fleet agent runs in this process (device/sync.py): scans go
+    out from the kiosk's listener, model releases and `reload-catalog` reach the running
+    kiosk, and the model is the device config's `paths.bundle` unless --bundle names one (a
+    release rewrites that path, so a restarted kiosk keeps the released model)."""
     import logging
     import threading
 
@@ -185,7 +189,16 @@ def cmd_kiosk(args: argparse.Namespace) -> int:
         from kiosk_ui.server import parse_address
 
         ui_address = parse_address(args.ui)  # so does a malformed --ui
-    pipeline = Pipeline.open(args.bundle, args.catalog, args.precision, args.engine,
+    device = None
+    if args.agent:
+        from device.sync import DeviceConfig
+
+        device = DeviceConfig.load(args.agent)  # and a bad device config
+    bundle = args.bundle or (device.path_of("bundle") if device is not None else None)
+    if bundle is None:
+        raise BundleError("--bundle", "no model bundle given (or $STORYSCAN_BUNDLE, or "
+                                      "--agent with a device config naming paths.bundle)")
+    pipeline = Pipeline.open(bundle, args.catalog, args.precision, args.engine,
                              args.threads, threshold=args.threshold,
                              top_coarse=args.top_coarse, hash_candidates=args.hash_candidates)
     if not len(pipeline.matcher):
@@ -205,12 +218,17 @@ def cmd_kiosk(args: argparse.Namespace) -> int:
             print(f"scan {scan.id} {scan.time}: {what} in {scan.latency_ms:.0f} ms", flush=True)
 
     kiosk.subscribe(show)
+    agent = None
+    if device is not None:
+        from device.sync import Agent
+
+        agent = Agent(device, kiosk=kiosk)
     ui = None
     if args.ui:
         from kiosk_ui import create_app
         from kiosk_ui.server import UIServer
 
-        ui = UIServer(create_app(kiosk, args.ui_config), *ui_address)
+        ui = UIServer(create_app(kiosk, args.ui_config, agent=agent), *ui_address)
     signal.signal(signal.SIGTERM, lambda *_: kiosk.stop())
     done = threading.Event()
 
@@ -223,6 +241,8 @@ def cmd_kiosk(args: argparse.Namespace) -> int:
     print(f"kiosk: {pipeline.bundle.key} ({pipeline.engine.backend} "
           f"{pipeline.engine.precision}), {len(pipeline.matcher)} products, camera "
           f"{args.camera}, scans to {scans.path}; Ctrl-C stops", file=sys.stderr, flush=True)
+    if agent is not None:
+        agent.start()  # a second agent on the same outbox stops the kiosk here, in one line
     if ui is not None:
         ui.start()
         print(f"kiosk UI: {ui.url} (staff pages: {ui.url}staff)", file=sys.stderr, flush=True)
@@ -241,6 +261,8 @@ def cmd_kiosk(args: argparse.Namespace) -> int:
             done.set()
             if ui is not None:
                 ui.stop()
+            if agent is not None:
+                agent.stop()  # sends what it can, then the retained "offline" status
     health = kiosk.health()
     print(f"kiosk stopped: {count} scans recorded; {health['fps']} fps, latency p50 "
           f"{health['latency_p50_ms'] or 0:.1f} ms, p95 {health['latency_p95_ms'] or 0:.1f} ms",
@@ -334,9 +356,15 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--camera", required=True,
                    help="v4l2:0, /dev/video0, csi:0, rtsp://..., dir:FOLDER or a video file "
                         "(see device/camera.py for ?width=&height=&fps=&format=)")
-    add_model_args(p)
+    add_model_args(p, need_bundle=False)
     add_catalog_arg(p)
     p.add_argument("--scans", help="scan log SQLite file (default: scans.db beside the catalog)")
+    p.add_argument("--agent", metavar="DEVICE_CONFIG",
+                   help="run the fleet agent in this process with this device config (from "
+                        "'storyscan provision'): scans, telemetry and status to the fleet, "
+                        "model releases and commands to this kiosk; the bundle defaults to "
+                        "the config's paths.bundle. Not beside 'storyscan agent' on the same "
+                        "config: one agent per outbox")
     p.add_argument("--mode", choices=("shopper", "inventory"), default="shopper")
     p.add_argument("--session", help="inventory session the scans count towards")
     p.add_argument("--still-frames", type=whole_number, default=6, metavar="N",

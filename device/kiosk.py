@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device.camera import Camera, Frame
+from device.camera import Camera, CameraError, Frame
 from device.crop import Box, product_crop
 from device.pipeline import Pipeline, ScanResult
 from device.presence import Presence, PresenceConfig
@@ -73,6 +73,7 @@ class Kiosk:
         self._stop = threading.Event()
         self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self.last_seq = 0
+        self._view: tuple[Frame, Box | None] | None = None  # newest frame seen, its foreground
         # read on the kiosk's thread (SQLite connections stay on theirs), shown by health()
         self.catalog_version = pipeline.catalog.version
         self.recorded = len(scans)
@@ -107,6 +108,7 @@ class Kiosk:
         t0 = time.monotonic()
         event = self.presence.update(frame.image)
         t1 = time.monotonic()
+        self._view = (frame, event.box)
         self._count_frame(t1)
         if not event.trigger:
             return None
@@ -121,6 +123,23 @@ class Kiosk:
         There is no background to compare with, so the crop is the photo's central square."""
         return self.submit_job(lambda: self._recognize(image, time.monotonic(), None, mode,
                                                        session, source))
+
+    def capture(self, max_age_s: float = 5.0) -> np.ndarray:
+        """The scan area cut out now as a scan would cut it (staff enrolling from the camera):
+        the newest frame the loop processed, around its foreground, or its central square when
+        nothing stands out. Any thread: the loop replaces what this reads in one assignment.
+        Raises CameraError when the loop has no recent frame."""
+        view = self._view
+        camera = self.camera.status()
+        state = camera["state"] + (f": {camera['problem']}" if camera["problem"] else "")
+        if view is None:
+            raise CameraError(f"no picture from the camera yet (camera {state})")
+        frame, box = view
+        age = time.monotonic() - frame.time
+        if age > max_age_s:
+            raise CameraError(f"the camera's newest picture is {age:.0f} s old (camera "
+                              f"{state}): is the kiosk running?")
+        return product_crop(frame.image, box)[0].copy()
 
     def submit_job(self, job: Callable[[], object]) -> Future:
         """Run `job()` on the kiosk's thread between two frames (the UI's requests that need

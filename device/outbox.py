@@ -228,8 +228,10 @@ class Outbox:
         """The newest scan-log id taken into the outbox."""
         return self._get(self._db(), "scan_cursor")
 
-    def stats(self) -> dict:
-        db = self._db()
+    def stats(self, db: sqlite3.Connection | None = None) -> dict:
+        """Pending rows per kind and the counters; `db`: a connection of the caller's own
+        (another thread's read-only one, see Agent.sync_state)."""
+        db = db or self._db()
         counts = dict(db.execute("SELECT kind, count(*) FROM outbox GROUP BY kind").fetchall())
         return {"pending_scans": counts.get("scan", 0),
                 "pending_telemetry": counts.get("telemetry", 0),

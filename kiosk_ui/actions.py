@@ -1,18 +1,24 @@
 """What the staff pages and the API both do: recognise an upload, run inventory sessions,
-enrol a product. Errors a user can fix are `ActionError`s with an HTTP status and one line."""
+take camera captures and enrol a product. Errors a user can fix are `ActionError`s with an
+HTTP status and one line."""
 
 from __future__ import annotations
 
+import secrets
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from flask import current_app
+from flask import current_app, session
 from werkzeug.datastructures import FileStorage
 
+from device.camera import CameraError
 from device.catalog import SKU_PATTERN, Catalog, CatalogError, Product
 from device.inventory import InventoryConflict, InventoryError, parse_expected_csv
 from kiosk_ui import data
+from kiosk_ui.captures import CapturesFull
+from kiosk_ui.live import encode_jpeg
 from models.preprocess import ImageError, decode_image, sniff_format
 
 MAX_ENROL_PHOTOS = 12
@@ -154,6 +160,36 @@ def export_csv(session_id: int) -> str:
     return data.inventory().export_csv(session_id, names)
 
 
+# --- camera captures for enrolment -------------------------------------------------------------
+
+CAPTURE_WIDTH = 1024  # a capture wider than this is scaled down (the model sees far less)
+
+
+def capture_key() -> str | None:
+    """This browser session's key to its captures (kiosk_ui/captures.py)."""
+    return session.get("captures")
+
+
+def capture() -> int:
+    """Keep the kiosk's current view of the scan area, cut out as a scan cuts it, for this
+    session's next enrolment; returns the capture's number."""
+    state = _state()
+    try:
+        image = state.kiosk.capture()
+    except CameraError as e:
+        raise ActionError(503, f"cannot capture: {e}") from None
+    key = capture_key() or session.setdefault("captures", secrets.token_urlsafe(16))
+    try:
+        return state.captures.add(key, encode_jpeg(image, CAPTURE_WIDTH, 92))
+    except CapturesFull as e:
+        raise ActionError(409, str(e)) from None
+
+
+def discard_capture(n: int) -> None:
+    if not _state().captures.discard(capture_key(), n):
+        raise ActionError(404, f"no capture {n}")
+
+
 # --- enrolment ---------------------------------------------------------------------------------
 
 
@@ -162,17 +198,18 @@ def _line(form, name: str, limit: int) -> str:
     return " ".join(str(form.get(name, "")).split())[:limit]
 
 
-def enrol(form, photos: list[FileStorage]) -> dict:
-    """A new product (or more photos of one) from uploaded photos, recognisable as soon as
-    this returns: the kiosk embeds the photos and rebuilds its matcher on its own thread."""
+def enrol(form, photos: list[FileStorage], captured: Sequence[Path] = ()) -> dict:
+    """A new product (or more photos of one) from uploaded photos and camera captures (JPEG
+    files), recognisable as soon as this returns: the kiosk embeds the photos and rebuilds its
+    matcher on its own thread."""
     sku = _line(form, "sku", 64)
     if not SKU_PATTERN.fullmatch(sku):
         raise ActionError(400, "SKU: use letters, digits, '.', '_' and '-' (at most 64, "
                                "starting with a letter or digit)")
     photos = [p for p in photos if p and (p.filename or p.content_length)]
-    if not photos:
+    if not photos and not captured:
         raise ActionError(400, "add at least one photo of the product")
-    if len(photos) > MAX_ENROL_PHOTOS:
+    if len(photos) + len(captured) > MAX_ENROL_PHOTOS:
         raise ActionError(400, f"at most {MAX_ENROL_PHOTOS} photos at once")
     blobs = [read_photo(p, f"photo {i + 1}")[0] for i, p in enumerate(photos)]
     catalog = Catalog(_state().catalog_path)  # a writer's connection, this request's own
@@ -183,6 +220,7 @@ def enrol(form, photos: list[FileStorage]) -> dict:
                 path = Path(tmp) / f"upload-{i + 1}.{EXTENSIONS[sniff_format(blob)]}"
                 path.write_bytes(blob)
                 paths.append(path)
+            paths += captured
             existing = catalog.product(sku)
             if existing is None:
                 product = _new_product(form, sku, catalog, paths)

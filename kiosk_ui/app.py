@@ -16,6 +16,7 @@ import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flask import Flask, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
@@ -24,11 +25,15 @@ from device.inventory import Inventory
 from device.kiosk import Kiosk, Scan
 from kiosk_ui import config as device_config
 from kiosk_ui.actions import ActionError
+from kiosk_ui.captures import Captures
 from kiosk_ui.data import close_connections
 from kiosk_ui.live import Broadcaster, Preview
 from kiosk_ui.search import StoryIndex
 from kiosk_ui.security import PinGuard, check_csrf, csrf_token, is_staff
 from kiosk_ui.system import SystemMonitor
+
+if TYPE_CHECKING:
+    from device.sync import Agent
 
 log = logging.getLogger("storyscan.ui")
 
@@ -59,6 +64,8 @@ class UIState:
     system: SystemMonitor
     search: StoryIndex
     upload_slots: threading.BoundedSemaphore
+    captures: Captures  # staff camera captures waiting to be enrolled
+    agent: Agent | None = None  # the fleet agent in the kiosk's process (--agent), if any
     stopping: threading.Event = field(default_factory=threading.Event)
     counted: dict[int, int] = field(default_factory=dict)  # scan id -> its product's count
     _local: threading.local = field(default_factory=threading.local)
@@ -89,13 +96,16 @@ class UIState:
         if _COUNTING.get(self.kiosk) is self:
             del _COUNTING[self.kiosk]
         self.system.close()
+        self.captures.close()
 
 
 def create_app(kiosk: Kiosk, config_path: str | Path | None = None,
-               settings: dict | None = None) -> Flask:
+               settings: dict | None = None, agent: Agent | None = None) -> Flask:
     """The app for `kiosk`. `config_path`: the device config with the staff PIN's hash
     (default kiosk.json beside the catalog; see kiosk_ui/config.py); `settings`: Flask config
-    overrides (e.g. PERMANENT_SESSION_LIFETIME, PIN_MAX_FAILURES, PIN_LOCK_SECONDS)."""
+    overrides (e.g. PERMANENT_SESSION_LIFETIME, PIN_MAX_FAILURES, PIN_LOCK_SECONDS,
+    CAPTURE_LIMIT); `agent`: the fleet agent running in the kiosk's process, whose link and
+    outbox the status page shows."""
     catalog_path = Path(kiosk.pipeline.catalog.path)
     config_path = Path(config_path) if config_path else device_config.default_path(catalog_path)
     config = device_config.ensure_secret(config_path)
@@ -113,6 +123,7 @@ def create_app(kiosk: Kiosk, config_path: str | Path | None = None,
         PIN_LOCK_SECONDS=300,
         UPLOAD_TIMEOUT_S=30.0,
         RELOAD_TIMEOUT_S=300.0,
+        CAPTURE_LIMIT=8,  # camera captures a staff session keeps for one enrolment
         SSE_HEARTBEAT_S=15.0,
         PREVIEW_FPS=10.0,
         PREVIEW_WIDTH=640,
@@ -131,7 +142,10 @@ def create_app(kiosk: Kiosk, config_path: str | Path | None = None,
         preview=Preview(kiosk.camera, app.config["PREVIEW_WIDTH"], app.config["PREVIEW_FPS"]),
         guard=PinGuard(app.config["PIN_MAX_FAILURES"], app.config["PIN_LOCK_SECONDS"]),
         system=SystemMonitor(), search=StoryIndex(),
-        upload_slots=threading.BoundedSemaphore(4))
+        upload_slots=threading.BoundedSemaphore(4),
+        captures=Captures(app.config["CAPTURE_LIMIT"],
+                          app.permanent_session_lifetime.total_seconds()),
+        agent=agent)
     app.extensions["storyscan"] = state
     _COUNTING[kiosk] = state
     state._unsubscribe.append(kiosk.subscribe(state.on_scan))

@@ -230,8 +230,34 @@ def openapi_document() -> dict:
                 "Status": {"type": "object", "properties": {
                     key: {"type": "object"} for key in (
                         "model", "catalog", "engine", "latency_ms", "scans", "camera", "mode",
-                        "system", "sync", "ui")} | {"fps": {"type": "number"},
-                                                    "presence": {"type": "string"}}},
+                        "system", "ui")} | {"fps": {"type": "number"},
+                                            "presence": {"type": "string"},
+                                            "sync": _ref("Sync")}},
+                "Sync": {"type": "object", "required": ["state", "outbox"],
+                         "description": "the fleet agent in the kiosk's process (storyscan "
+                                        "kiosk --agent); only state and outbox (null) when "
+                                        "there is none",
+                         "properties": {
+                             "state": {"type": "string",
+                                       "enum": ["connected", "disconnected", "not configured"]},
+                             "broker": {"type": "string", "description": "host:port"},
+                             "tls": {"type": "boolean"}, "device": {"type": "string"},
+                             "fleet": {"type": "string"}, "group": {"type": "string"},
+                             "outbox": {"oneOf": [_ref("Outbox"), {"type": "null"}]},
+                             "connected": {"type": "boolean"},
+                             "published": {"type": "integer",
+                                           "description": "messages the broker acknowledged"},
+                             "refused": {"type": "integer",
+                                         "description": "messages the broker refused"},
+                             "last_refusal": {"type": ["string", "null"]},
+                             "connects": {"type": "integer"}}},
+                "Outbox": {"type": "object", "description": "what the device still owes the "
+                                                            "fleet (device/outbox.py)",
+                           "properties": {
+                               key: {"type": "integer"} for key in (
+                                   "pending_scans", "pending_telemetry", "pending_acks",
+                                   "max_rows", "dropped_telemetry", "scan_seq",
+                                   "scan_cursor")} | {"behind": {"type": "boolean"}}},
             },
         },
     }

@@ -1,6 +1,7 @@
 """Staff pages: PIN login, inventory sessions, enrolling a product. Plain forms (each carries
 the CSRF token) that redirect after posting; the pages' scripts make +/- and live counts
-immediate through the API."""
+immediate through the API, and take and discard camera captures in place (the capture views
+answer them in JSON, a plain form post with a redirect)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from datetime import UTC, datetime
 from flask import (
     Blueprint,
     Response,
+    abort,
     current_app,
     flash,
+    jsonify,
     redirect,
     render_template,
     request,
@@ -19,6 +22,7 @@ from flask import (
 
 from kiosk_ui import actions, data
 from kiosk_ui.actions import ActionError
+from kiosk_ui.app import wants_html
 from kiosk_ui.security import attempt_login, log_out, safe_next, staff_required, staff_state
 
 bp = Blueprint("staff", __name__)
@@ -165,18 +169,75 @@ def enrol():
     return render_template("enrol.html", languages=data.languages_json(cat.languages() or
                                                                         ["en"]),
                            categories=sorted({p.category for p in cat.products()}),
-                           max_mb=current_app.config["ENROL_MAX_BYTES"] // 2**20)
+                           max_mb=current_app.config["ENROL_MAX_BYTES"] // 2**20,
+                           captures=_captures(), capture_limit=_state().captures.limit)
 
 
 @bp.post("/enrol")
 @staff_required()
 def enrol_post():
+    captures, key = _state().captures, actions.capture_key()
     try:
-        result = actions.enrol(request.form, request.files.getlist("photos"))
+        result = actions.enrol(request.form, request.files.getlist("photos"),
+                               captures.paths(key))
     except ActionError as e:
         flash(e.message, "error")
         return _back("staff.enrol")
+    captures.clear(key)  # they are in the catalog now
     what = "enrolled" if result["new"] else "has new photos"
     flash(f"{result['sku']} ({result['name']}) {what}: {result['photos']} reference photos, "
           "recognisable now.", "ok")
     return _back("staff.enrol")
+
+
+# --- camera captures for enrolment -------------------------------------------------------------
+
+
+def _captures() -> list[dict]:
+    return [{"n": n, "url": url_for("staff.capture_image", n=n),
+             "discard": url_for("staff.capture_discard", n=n)}
+            for n in _state().captures.numbers(actions.capture_key())]
+
+
+def _capture_answer(action, message: str):
+    """Run a capture action: JSON for the page's script, flash and redirect for a form."""
+    try:
+        action()
+    except ActionError as e:
+        if not wants_html():
+            raise  # the app's JSON error
+        flash(e.message, "error")
+        return _back("staff.enrol")
+    if not wants_html():
+        return jsonify(message=message, captures=_captures(),
+                       limit=_state().captures.limit)
+    flash(message, "ok")
+    return _back("staff.enrol")
+
+
+@bp.post("/enrol/captures")
+@staff_required()
+def capture():
+    return _capture_answer(actions.capture, "Captured: Enrol below adds it to the product.")
+
+
+@bp.post("/enrol/captures/<int:n>/discard")
+@staff_required()
+def capture_discard(n: int):
+    return _capture_answer(lambda: actions.discard_capture(n), f"Capture {n} discarded.")
+
+
+@bp.post("/enrol/captures/clear")
+@staff_required()
+def capture_clear():
+    return _capture_answer(lambda: _state().captures.clear(actions.capture_key()),
+                           "Captures discarded.")
+
+
+@bp.get("/enrol/captures/<int:n>.jpg")
+@staff_required()
+def capture_image(n: int):
+    jpeg = _state().captures.read(actions.capture_key(), n)
+    if jpeg is None:
+        abort(404)
+    return Response(jpeg, mimetype="image/jpeg", headers={"Cache-Control": "no-store"})

@@ -1,4 +1,8 @@
-"""The status page (staff only): model and catalog, engine, speed, camera, machine, sync."""
+"""The status page (staff only): model and catalog, engine, speed, camera, machine, sync.
+
+Sync is the fleet agent's link when it runs in the kiosk's process (`storyscan kiosk --agent`):
+connected or not, the broker, the outbox's depth and counters (Agent.sync_state); "not
+configured" when there is none (a standalone `storyscan agent` reports to the fleet only)."""
 
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ def status_json() -> dict:
         "presence": health["presence"],
         "mode": {"mode": health["mode"], "session": health["session"]},
         "system": state.system.read(),
-        "sync": {"state": "not configured", "outbox": None},
+        "sync": (state.agent.sync_state() if state.agent is not None
+                 else {"state": "not configured", "outbox": None}),
         "ui": {"screens": len(state.broadcaster), "preview_viewers": state.preview.clients},
     }
 

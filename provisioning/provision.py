@@ -7,7 +7,8 @@
         device.json           identity, broker address and credentials, TLS files, data paths
         ca.crt                the fleet CA (verifies the broker)
         client.crt client.key the device's TLS client certificate, signed by the fleet CA
-        systemd/              storyscan-kiosk.service, storyscan-agent.service,
+        systemd/              storyscan-kiosk.service (with the fleet agent in-process),
+                              storyscan-agent.service (alone, while the kiosk is stopped),
                               storyscan-clocks.service (Jetson clocks at boot)
         jetson-setup.sh       power mode, clocks, jtop check, user, folders, services
       broker/                 copy to the broker host (/etc/mosquitto/storyscan/)
@@ -312,8 +313,10 @@ class FleetCA:
 
 
 def kiosk_unit(device: str, prefix: str, data: str, camera: str) -> str:
+    """The kiosk with its fleet agent in-process (--agent): releases and reload-catalog reach
+    the running kiosk. No --bundle: the device config's paths.bundle, which a release moves."""
     return f"""[Unit]
-Description=storyscan kiosk {device}: camera, recognition, scan log, kiosk screen
+Description=storyscan kiosk {device}: camera, recognition, scan log, kiosk screen, fleet agent
 Wants=network-online.target
 After=network-online.target
 
@@ -324,7 +327,7 @@ Group=storyscan
 SupplementaryGroups=video
 WorkingDirectory={data}
 Environment=STORYSCAN_ENGINE_CACHE={data}/engines
-ExecStart={prefix}/bin/storyscan kiosk --camera {camera} --bundle {data}/bundle \\
+ExecStart={prefix}/bin/storyscan kiosk --camera {camera} --agent {ETC}/device.json \\
     --catalog {data}/catalog.db --scans {data}/scans.db --ui 127.0.0.1:8080
 Restart=always
 RestartSec=3
@@ -336,10 +339,14 @@ WantedBy=multi-user.target
 
 
 def agent_unit(device: str, prefix: str, data: str) -> str:
+    """The agent on its own, for while the kiosk is stopped (maintenance): it sends the scan
+    log's backlog and takes commands and releases. Conflicts= keeps it and the kiosk's
+    in-process agent off the same outbox (the outbox lock would refuse the second anyway)."""
     return f"""[Unit]
-Description=storyscan fleet agent {device}: scans, telemetry and status to the fleet broker
+Description=storyscan fleet agent {device} on its own, while storyscan-kiosk is stopped
 Wants=network-online.target
-After=network-online.target storyscan-kiosk.service
+After=network-online.target
+Conflicts=storyscan-kiosk.service
 
 [Service]
 Type=simple
@@ -402,7 +409,8 @@ def setup_script(device: str, fleet: str, group: str, prefix: str, data: str) ->
     return f"""#!/usr/bin/env bash
 # storyscan set-up for kiosk {device} (fleet {fleet}, group {group}): run as root on the kiosk,
 # from this folder. Jetson: power mode and clocks, jtop check; then the storyscan user, its
-# folders, the device config and the kiosk and agent services.
+# folders, the device config and the kiosk service (with the fleet agent in its process; the
+# agent's own unit is installed for while the kiosk is stopped, not enabled).
 #   STORYSCAN_POWER_MODE  nvpmodel mode (default 0: the module's maximum, MAXN, on most
 #                         Jetsons; see 'nvpmodel -p --verbose' or /etc/nvpmodel.conf)
 set -euo pipefail
@@ -453,7 +461,7 @@ if [ -f "$HERE/release.pub" ]; then  # the operator's release public key (--rele
     install -o storyscan -g storyscan -m 0644 "$HERE/release.pub" "$ETC/"
 fi
 
-# 3. the kiosk and the agent
+# 3. the kiosk (its fleet agent included); the standalone agent unit only installed
 install -m 0644 "$HERE/systemd/storyscan-kiosk.service" \\
     "$HERE/systemd/storyscan-agent.service" /etc/systemd/system/
 systemctl daemon-reload
@@ -465,8 +473,9 @@ if [ ! -f "$DATA/bundle/manifest.json" ] || [ ! -f "$DATA/catalog.db" ]; then
     echo "warning: put the model bundle in $DATA/bundle and the catalog in $DATA/catalog.db;" \\
          "the kiosk restarts until they are there" >&2
 fi
-systemctl enable --now storyscan-kiosk.service storyscan-agent.service
-echo "kiosk {device} set up: journalctl -fu storyscan-agent shows its link to the fleet"
+systemctl disable storyscan-agent.service >/dev/null 2>&1 || true  # one agent per outbox
+systemctl enable --now storyscan-kiosk.service
+echo "kiosk {device} set up: journalctl -fu storyscan-kiosk shows it and its link to the fleet"
 """
 
 

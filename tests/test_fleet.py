@@ -680,6 +680,59 @@ def test_in_process_agent_with_a_real_kiosk(provisioned: Fleet, broker: Broker,
         controller.stop()
 
 
+@pytest.mark.slow
+def test_storyscan_kiosk_with_its_agent(provisioned: Fleet, broker: Broker,
+                                        trained_demo: TrainedDemo, tmp_path: Path) -> None:
+    """`storyscan kiosk --agent`: camera scans reach the controller from the kiosk's own
+    process, on the model the device config names; a second agent on its outbox is refused;
+    SIGTERM stops both, the agent saying "stopped"."""
+    from device.scans import ScanLog
+    from trainer.synthetic import plan_products, write_scan_video
+
+    video = tmp_path / "scan.avi"
+    write_scan_video(video, plan_products(12, seed=7), placements=3, width=640, height=360,
+                     fps=12, seed=7, gap_s=1.0, move_s=0.5, hold_s=1.5)
+    catalog = copy_catalog(trained_demo, tmp_path)
+    config = device_config(provisioned, "k4", broker, tmp_path)
+    data = json.loads(config.read_text())
+    data["paths"]["bundle"] = str(trained_demo.bundle)  # no --bundle: the kiosk loads this
+    config.write_text(json.dumps(data))
+    exe = str(Path(sys.executable).with_name("storyscan"))
+    kiosk = [exe, "kiosk", "--camera", str(video), "--catalog", str(catalog), "--scans",
+             str(tmp_path / "scans.db"), "--health-every", "0"]
+    bad = subprocess.run([*kiosk, "--agent", str(tmp_path / "none.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [
+        f"storyscan: error: {tmp_path / 'none.json'}: no such device config"]
+    controller = start_controller(provisioned, broker, tmp_path / "fleet.db")
+    log = tmp_path / "kiosk.log"
+    proc = subprocess.Popen([*kiosk, "--agent", str(config)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: controller.db.count("scans", FLEET, "k4") >= 2, 120,
+                 "2 camera scans at the controller", log.read_text)
+        second = storyscan("agent", "--config", config, timeout=60)
+        assert second.returncode == 1 and "another fleet agent is running" in second.stderr
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in log.read_text(), log.read_text()
+        def k4() -> dict:
+            return next(r for r in controller.db.status(FLEET) if r["device"] == "k4")
+
+        wait_for(lambda: k4()["state"] == "offline", 10, "k4 offline")
+        status = k4()
+        recorded = sorted(ScanLog(tmp_path / "scans.db").recent(100), key=lambda r: r["id"])
+        stored = controller.db.scans(FLEET, "k4")
+        assert [r["scan_id"] for r in stored] == [r["id"] for r in recorded[:len(stored)]]
+        assert [r["sku"] for r in stored] == [r["sku"] for r in recorded[:len(stored)]]
+        assert stored[0]["model"] == status["model"] == recorded[0]["model"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        controller.stop()
+
+
 def test_controller_command(provisioned: Fleet, broker: Broker, tmp_path: Path) -> None:
     """`storyscan fleet controller` with the provisioned controller config; SIGTERM stops it."""
     ctl = tmp_path / "controller.json"

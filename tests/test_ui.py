@@ -31,7 +31,9 @@ from device.inventory import Inventory, InventoryError, parse_expected_csv
 from device.kiosk import Kiosk
 from device.pipeline import Pipeline
 from device.scans import ScanLog
+from device.sync import Agent, DeviceConfig
 from kiosk_ui import create_app
+from kiosk_ui.captures import Captures
 from kiosk_ui.config import ConfigError, check_pin, load, set_pin
 from kiosk_ui.live import Broadcaster
 from kiosk_ui.search import fts_query
@@ -65,10 +67,12 @@ def assets(trained_demo: TrainedDemo, tmp_path_factory: pytest.TempPathFactory) 
 
 class Rig:
     """One kiosk (real pipeline, scan log, camera) with its app; `run` starts the kiosk loop on
-    a background thread, as `storyscan kiosk --ui` does."""
+    a background thread, as `storyscan kiosk --ui` does; `device_config` runs the fleet agent
+    in the kiosk's process, as `--agent` does."""
 
     def __init__(self, demo: TrainedDemo, folder: Path, camera: str, run: bool = True,
-                 settings: dict | None = None, pin: str | None = PIN) -> None:
+                 settings: dict | None = None, pin: str | None = PIN,
+                 device_config: Path | None = None) -> None:
         self.folder = folder
         catalog = folder / "catalog.db"
         if not catalog.exists():
@@ -78,7 +82,10 @@ class Rig:
         self.camera = Camera(camera)
         self.kiosk = Kiosk(self.camera, Pipeline.open(demo.bundle, catalog),
                            ScanLog(folder / "scans.db"))
-        self.app = create_app(self.kiosk, settings=settings)
+        self.agent = None
+        if device_config is not None:
+            self.agent = Agent(DeviceConfig.load(device_config), kiosk=self.kiosk).start()
+        self.app = create_app(self.kiosk, settings=settings, agent=self.agent)
         self.client = self.app.test_client()
         self.camera.start()
         self.thread = None
@@ -102,6 +109,8 @@ class Rig:
         self.kiosk.stop()
         if self.thread is not None:
             self.thread.join(timeout=30)
+        if self.agent is not None:
+            self.agent.stop()
         self.camera.stop()
 
 
@@ -514,6 +523,47 @@ def test_status_page_and_api(rig: Rig, photos) -> None:
     assert rig.kiosk.pipeline.bundle.key in html and "not configured" in html
 
 
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_status_shows_the_in_process_agents_link_and_outbox(make_rig, photos,
+                                                            tmp_path: Path) -> None:
+    """A kiosk whose fleet broker is down: the page says so, and its scans wait in the
+    outbox."""
+    port = free_port()  # nothing listens there
+    config = tmp_path / "device.json"
+    config.write_text(json.dumps({
+        "device": "k9", "fleet": "acme", "group": "g1",
+        "broker": {"host": "127.0.0.1", "port": port}, "paths": {"outbox": "outbox.db"},
+        "agent": {"reconnect_min_s": 0.1, "reconnect_max_s": 0.5}}))
+    rig = make_rig(device_config=config)
+    rig.login()
+
+    def sync() -> dict:
+        return rig.client.get("/api/status").get_json()["sync"]
+
+    wait_until(lambda: sync()["outbox"]["pending_telemetry"] >= 1, 10, "the first telemetry")
+    first = sync()
+    assert first["state"] == "disconnected" and first["broker"] == f"127.0.0.1:{port}"
+    assert not first["tls"] and first["device"] == "k9"
+    assert first["outbox"]["pending_scans"] == 0 and first["outbox"]["dropped_telemetry"] == 0
+    assert first["published"] == 0 and first["refused"] == 0 and first["last_refusal"] is None
+    for sku in ("PLT-001", "VAS-001"):
+        assert upload(rig, photos[sku]).status_code == 201
+    wait_until(lambda: sync()["outbox"]["pending_scans"] == 2, 10, "2 scans in the outbox")
+    page = rig.client.get("/status").get_data(as_text=True)
+    assert re.search(r'id="sync-state">disconnected<', page)
+    assert f"127.0.0.1:{port}" in page
+    outbox = re.search(r'id="sync-outbox">(.*?)</td>', page).group(1)
+    assert re.search(r'pending_scans">2</span> scans', outbox), outbox
+    doc = rig.client.get("/api/openapi.json").get_json()
+    assert set(sync()) <= set(doc["components"]["schemas"]["Sync"]["properties"])
+
+
 # --- inventory ---------------------------------------------------------------------------------
 
 
@@ -686,6 +736,119 @@ def test_an_enrolled_product_is_recognised_right_away(rig: Rig, assets: Assets) 
     assert r.status_code == 400 and "give its name and category" in r.get_json()["error"]
     page = rig.client.get("/staff/enrol").get_data(as_text=True)
     assert 'id="enrol-form"' in page and 'name="story_zh"' in page
+
+
+def placement_camera(assets: Assets, folder: Path, sku_dir: Path, n: int) -> str:
+    """A folder camera: the empty counter, then `n` photos of the product each standing on it
+    for 2 s with the counter empty in between, looping."""
+    folder.mkdir()
+    counter = cv2.imread(str(assets.counter / "empty.png"))
+    frames = [counter] * 12
+    for photo in sorted(sku_dir.glob("*.jpg"))[:n]:
+        placed = counter.copy()
+        placed[80:280, 220:420] = cv2.resize(cv2.imread(str(photo)), (200, 200))
+        frames += [placed] * 20 + [counter] * 8
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), frame)
+    return f"dir:{folder}?fps=10"
+
+
+def test_a_product_enrolled_from_camera_captures_is_recognised(make_rig, assets: Assets,
+                                                                 tmp_path: Path) -> None:
+    new = assets.more / "train" / "vases" / "VAS-004"
+    rig = make_rig(camera=placement_camera(assets, tmp_path / "camera", new, 3))
+    token = rig.login()
+    json_post = {"X-CSRF-Token": token, "Accept": "application/json"}
+    numbers = []
+    for _ in range(3):  # each placement: wait for its scan, then capture while it stands
+        seen = rig.kiosk.recorded
+        wait_until(lambda seen=seen: rig.kiosk.recorded > seen, 30, "the next placement")
+        r = rig.client.post("/staff/enrol/captures", headers=json_post)
+        assert r.status_code == 200, r.get_json()
+        numbers = [c["n"] for c in r.get_json()["captures"]]
+    assert numbers == [1, 2, 3]
+    page = rig.client.get("/staff/enrol").get_data(as_text=True)
+    assert page.count('<li data-n="') == 3 and 'id="capture"' in page
+    thumb = rig.client.get("/staff/enrol/captures/2.jpg")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+    crop = cv2.imdecode(np.frombuffer(thumb.data, np.uint8), cv2.IMREAD_COLOR)
+    assert crop.shape[0] == crop.shape[1] < 360  # cut out around the product, as a scan is
+    r = rig.client.post("/staff/enrol", data={
+        "sku": "VAS-004", "name": "Night Garden Vase", "category": "vases",
+        "csrf_token": token}, follow_redirects=True)
+    assert "VAS-004 (Night Garden Vase) enrolled: 3 reference photos, recognisable now" in \
+        r.get_data(as_text=True)
+    assert '<li data-n="' not in r.get_data(as_text=True)  # the captures went with it
+    assert rig.client.get("/staff/enrol/captures/2.jpg").status_code == 404
+    found = [upload(rig, p, token=token).get_json()["scan"]["sku"] for p in
+             sorted((assets.more / "scans" / "vases" / "VAS-004").glob("*.jpg"))]
+    assert found.count("VAS-004") >= 2, found
+
+
+def test_captures_are_bounded_per_session_and_can_be_discarded(make_rig) -> None:
+    rig = make_rig(settings={"CAPTURE_LIMIT": 3})
+    token = rig.login()
+    json_post = {"X-CSRF-Token": token, "Accept": "application/json"}
+    wait_until(lambda: rig.kiosk.health()["fps"] > 0, 10, "the kiosk's first frames")
+    for n in (1, 2, 3):
+        r = rig.client.post("/staff/enrol/captures", headers=json_post)
+        assert r.status_code == 200 and len(r.get_json()["captures"]) == n
+    r = rig.client.post("/staff/enrol/captures", headers=json_post)
+    assert r.status_code == 409 and r.get_json() == {
+        "error": "at most 3 captures: discard one first"}
+    other = rig.app.test_client()  # another staff member's session sees none of them
+    rig.login(other)
+    assert other.get("/staff/enrol/captures/1.jpg").status_code == 404
+    r = rig.client.post("/staff/enrol/captures/2/discard", headers=json_post)
+    assert [c["n"] for c in r.get_json()["captures"]] == [1, 3]
+    r = rig.client.post("/staff/enrol/captures/2/discard", headers=json_post)
+    assert r.status_code == 404 and r.get_json() == {"error": "no capture 2"}
+    r = rig.client.post("/staff/enrol/captures", headers=json_post)
+    assert [c["n"] for c in r.get_json()["captures"]] == [1, 3, 4]
+    # the page's form without JavaScript: redirect, and the message on the page
+    r = rig.client.post("/staff/enrol/captures", data={"csrf_token": token},
+                        headers={"Accept": "text/html"}, follow_redirects=True)
+    assert "at most 3 captures: discard one first" in r.get_data(as_text=True)
+    root = rig.app.extensions["storyscan"].captures.root
+    assert len(list(root.rglob("*.jpg"))) == 3
+    r = rig.client.post("/staff/enrol/captures/clear", headers=json_post)
+    assert r.get_json()["captures"] == [] and not list(root.rglob("*.jpg"))
+    assert rig.client.post("/staff/enrol/captures", data={}).status_code == 403  # no CSRF token
+    rig.app.extensions["storyscan"].close()  # the kiosk stops: its captures go with it
+    assert not root.exists()
+
+
+def test_captures_left_idle_expire() -> None:
+    store = Captures(limit=2, ttl_s=0.5)
+    assert store.add("a", b"\xff\xd8 one") == 1
+    time.sleep(0.3)
+    assert store.add("b", b"\xff\xd8 two") == 1
+    time.sleep(0.3)  # a idle for 0.6 s, b for 0.3 s
+    assert store.read("b", 1) == b"\xff\xd8 two"
+    assert store.numbers("a") == [] and not (store.root / "a").exists()
+    assert store.numbers("b") == [1]
+    root = store.root
+    store.close()
+    assert not root.exists()
+
+
+def test_a_capture_before_the_camera_gave_a_picture_says_so(make_rig) -> None:
+    rig = make_rig(run=False)  # the kiosk's loop has seen no frame
+    token = rig.login()
+    r = rig.client.post("/staff/enrol/captures",
+                        headers={"X-CSRF-Token": token, "Accept": "application/json"})
+    assert r.status_code == 503
+    assert r.get_json()["error"].startswith("cannot capture: no picture from the camera yet")
+    no_trace(r)
+    r = rig.client.post("/staff/enrol/captures", data={"csrf_token": token},
+                        headers={"Accept": "text/html"})
+    assert r.status_code == 303 and r.headers["Location"].endswith("/staff/enrol")
+    page = rig.client.get("/staff/enrol").get_data(as_text=True)
+    assert "no picture from the camera yet" in page
+    r = rig.client.post("/staff/enrol", data={"sku": "VAS-004", "name": "Vase",
+                                              "category": "vases", "csrf_token": token},
+                        follow_redirects=True)
+    assert "add at least one photo of the product" in r.get_data(as_text=True)
 
 
 # --- errors and the API's description ----------------------------------------------------------
