@@ -7,6 +7,11 @@ model recomputes them, and switching back to an older model finds its own still 
 Products may carry attribute labels (colour, pattern, ...), stored as a JSON list; a catalog
 written before they existed gains the column when opened (schema version 2).
 
+Versions, both in `meta`: `version` counts every change made here (imports, enrolments,
+releases), so kiosks and the fleet can tell catalogs apart; `release_version` is the last
+catalog release from the fleet applied (`apply_release`, device/catalog_updates.py), which an
+older or equal release may not undo, and `release_sha256` its archive's hash.
+
     >>> cat = Catalog("catalog.db")
     >>> cat.upsert([Product("PLT-001", "Cobalt Willow Plate", "plates", 24.5,
     ...                     stories={"en": "Hand-painted in Delft."})], source_dir=Path("."))
@@ -16,10 +21,12 @@ written before they existed gains the column when opened (schema version 2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +42,14 @@ class CatalogError(ValueError):
     """A catalog problem the user must fix; str() is one line."""
 
 
+def check_skus(skus: Iterable[object]) -> None:
+    """SKUs name media folders and release files: plain names only."""
+    for sku in skus:
+        if not isinstance(sku, str) or not SKU_PATTERN.fullmatch(sku):
+            raise CatalogError(f"SKU {sku!r} is not allowed: use letters, digits, '.', "
+                               "'_' and '-' (at most 64, starting with a letter or digit)")
+
+
 @dataclass
 class Product:
     sku: str
@@ -45,6 +60,30 @@ class Product:
     stories: dict[str, str] = field(default_factory=dict)  # language code -> story text
     images: list[str] = field(default_factory=list)  # reference photos (paths)
     attributes: list[str] = field(default_factory=list)  # labels such as "cobalt", "floral"
+
+    @classmethod
+    def from_dict(cls, data: object) -> Product:
+        """A product as a catalog release's manifest lists it (its fields, images by name);
+        CatalogError names what is wrong."""
+        if not isinstance(data, dict):
+            raise CatalogError("a product is not a JSON object")
+        sku = data.get("sku")
+        check_skus([sku])
+        for name in ("name", "category", "currency"):
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise CatalogError(f"product {sku}: {name!r} must be a non-empty string")
+        price = data.get("price")
+        if price is not None and (isinstance(price, bool) or not isinstance(price, int | float)):
+            raise CatalogError(f"product {sku}: price {price!r} is not a number")
+        stories, images, attributes = (data.get(k) for k in ("stories", "images", "attributes"))
+        if not isinstance(stories, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in stories.items()):
+            raise CatalogError(f"product {sku}: 'stories' must map languages to texts")
+        for name, value in (("images", images), ("attributes", attributes)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise CatalogError(f"product {sku}: {name!r} must be a list of strings")
+        return cls(sku, data["name"], data["category"], price, data["currency"], stories,
+                   images, attributes)
 
     def story(self, lang: str = "en") -> str:
         """The story in `lang`, else English, else any language there is."""
@@ -96,6 +135,12 @@ class Catalog:
         """Bumped by every change, so kiosks and the fleet can tell catalogs apart."""
         return int(self.db["meta"].get("version")["value"])
 
+    @property
+    def release_version(self) -> int:
+        """The last fleet catalog release applied; 0 before the first."""
+        rows = list(self.db["meta"].rows_where("key = ?", ["release_version"]))
+        return int(rows[0]["value"]) if rows else 0
+
     def __len__(self) -> int:
         return self.db["products"].count
 
@@ -126,26 +171,86 @@ class Catalog:
         taken from `source_dir`. A replaced product's old embeddings go, its new photos need
         embedding again.
         """
-        for p in products:
-            if not SKU_PATTERN.fullmatch(p.sku):
-                raise CatalogError(f"SKU {p.sku!r} is not allowed: use letters, digits, '.', "
-                                   "'_' and '-' (at most 64, starting with a letter or digit)")
+        check_skus(p.sku for p in products)
         copies = [(p, [self._copy_image(p.sku, i, Path(img), source_dir)
                        for i, img in enumerate(p.images)]) for p in products]
         with self.db.atomic():
             for p, images in copies:
-                self.db["embeddings"].delete_where("sku = ?", [p.sku])
-                self.db["stories"].delete_where("sku = ?", [p.sku])
-                self.db["products"].upsert(
-                    {"sku": p.sku, "name": p.name, "category": p.category, "price": p.price,
-                     "currency": p.currency, "images": json.dumps(images),
-                     "attributes": json.dumps(p.attributes, ensure_ascii=False),
-                     "updated": now()},
-                    pk="sku")
-                self.db["stories"].insert_all(
-                    [{"sku": p.sku, "lang": lang, "text": text}
-                     for lang, text in p.stories.items() if text], pk=("sku", "lang"))
+                self._write(p, images)
             return self._bump_version()
+
+    def apply_release(self, release_version: int, products: list[Product], remove: list[str],
+                      source_dir: Path, digest: str) -> int:
+        """A fleet catalog release: upsert `products`, delete the `remove` SKUs and record
+        `release_version` and the release archive's sha256 `digest` (`release_sha256`, so the
+        same release announced again is known), all in one transaction; returns the new
+        catalog version.
+
+        A failure leaves the catalog exactly as it was: photos are copied under names of their
+        own (`<sku>/r<release>-NN-<name>`) before the transaction, so no photo in use is
+        overwritten, and removed again if it fails; the photos the release replaced or removed
+        are deleted only after it committed. A release not newer than the last one applied is
+        refused (CatalogError).
+        """
+        check_skus([*(p.sku for p in products), *remove])
+        both = {p.sku for p in products} & set(remove)
+        if both:
+            raise CatalogError(f"SKUs both updated and removed: {', '.join(sorted(both))}")
+        self._check_newer(release_version)  # before copying: release N's photos are in use
+        copies: list[tuple[Product, list[str]]] = []
+        try:
+            for p in products:
+                copies.append((p, []))
+                for i, img in enumerate(p.images):
+                    copies[-1][1].append(self._copy_image(p.sku, i, Path(img), source_dir,
+                                                          f"r{release_version}-"))
+            with self.db.atomic():
+                self._check_newer(release_version)
+                in_list = "sku in (select value from json_each(?))"
+                before = [i for r in self.db["products"].rows_where(
+                              in_list, [json.dumps([p.sku for p in products] + remove)])
+                          for i in json.loads(r["images"] or "[]")]
+                for p, images in copies:
+                    self._write(p, images)
+                for table in ("embeddings", "stories", "products"):
+                    self.db[table].delete_where(in_list, [json.dumps(remove)])
+                self.db["meta"].upsert_all([{"key": "release_version",
+                                             "value": str(release_version)},
+                                            {"key": "release_sha256", "value": digest}],
+                                           pk="key")
+                version = self._bump_version()
+        except BaseException:
+            for _, images in copies:
+                for i in images:
+                    (self.media / i).unlink(missing_ok=True)
+            raise
+        kept = {i for _, images in copies for i in images}
+        for i in before:  # committed: the photos no product uses any more go
+            if i not in kept:
+                (self.media / i).unlink(missing_ok=True)
+        for sku in remove:
+            with contextlib.suppress(OSError):
+                (self.media / sku).rmdir()  # only when empty: nothing else lives there
+        return version
+
+    def _check_newer(self, release_version: int) -> None:
+        if release_version <= self.release_version:
+            raise CatalogError(f"catalog release {release_version} is not newer than the "
+                               f"applied {self.release_version}")
+
+    def _write(self, p: Product, images: list[str]) -> None:
+        """Replace one product's row and stories (inside the caller's transaction); its old
+        embeddings go, as its photos may have changed."""
+        self.db["embeddings"].delete_where("sku = ?", [p.sku])
+        self.db["stories"].delete_where("sku = ?", [p.sku])
+        self.db["products"].upsert(
+            {"sku": p.sku, "name": p.name, "category": p.category, "price": p.price,
+             "currency": p.currency, "images": json.dumps(images),
+             "attributes": json.dumps(p.attributes, ensure_ascii=False), "updated": now()},
+            pk="sku")
+        self.db["stories"].insert_all(
+            [{"sku": p.sku, "lang": lang, "text": text}
+             for lang, text in p.stories.items() if text], pk=("sku", "lang"))
 
     def add_photos(self, sku: str, photos: list[Path]) -> int:
         """Add reference photos to a product, keeping the ones it has; returns the new version."""
@@ -159,12 +264,13 @@ class Catalog:
             self.db["products"].update(sku, {"images": json.dumps(images), "updated": now()})
             return self._bump_version()
 
-    def _copy_image(self, sku: str, index: int, src: Path, source_dir: Path | None) -> str:
+    def _copy_image(self, sku: str, index: int, src: Path, source_dir: Path | None,
+                    prefix: str = "") -> str:
         if not src.is_absolute() and source_dir is not None:
             src = source_dir / src
         if not src.is_file():
             raise CatalogError(f"{src}: reference photo of {sku} not found")
-        rel = Path(sku) / f"{index:02d}-{src.name}"  # photos of one product may share a name
+        rel = Path(sku) / f"{prefix}{index:02d}-{src.name}"  # photos of a product may share a name
         dst = self.media / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.resolve() != dst.resolve():

@@ -33,7 +33,9 @@ standalone (`storyscan agent --config device.json`, its own systemd unit beside 
 agent reads new rows of the kiosk's scan log (`scans` table, device/scans.py) by id. Both keep
 a cursor (the newest scan id in the outbox), and the in-process agent also catches up from the
 scan log at start and whenever the outbox was too full for the listener, so every recorded
-scan is sent exactly in order, once.
+scan is sent exactly in order, once. One agent per outbox: a running agent holds an exclusive
+lock on `<outbox>.lock`, so `storyscan agent` cannot start beside `storyscan kiosk --agent` on
+the same device config (nor the other way round). `sync_state()` is the kiosk status page's view.
 
 Commands are a registry (`COMMANDS`, `@command(name)`): each handler gets the agent and the
 command's args and returns a Result, or a Future of one for work done elsewhere (the kiosk's
@@ -41,13 +43,16 @@ thread). Built now: `ping`, `set-config KEY VALUE` (persisted to the device conf
 at once) and `reload-catalog` (in the kiosk's process only; standalone it is acked as
 unsupported here). A command the agent does not know is acked with an error. Model releases
 (device/updates.py) subscribe to the group's retained `release/model` with `Agent.add_route`
-and add the `rollback` command; catalog releases are not built yet.
+and add the `rollback` command; catalog releases (device/catalog_updates.py) subscribe to its
+retained `release/catalog`, and `versions()` reports the catalog release applied
+(`catalog_release`) beside the catalog's own `catalog_version`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -491,16 +496,17 @@ def _bundle_key(bundle: Path | None) -> str | None:
         return None
 
 
-def _catalog_version(catalog: Path | None) -> int | None:
+def catalog_meta(catalog: Path | None) -> dict[str, str]:
+    """The catalog's `meta` table (its versions, device/catalog.py), read through a read-only
+    connection of this call's own; {} when there is no catalog yet or it cannot be read."""
     if catalog is None or not catalog.is_file():
-        return None
+        return {}
     try:
         with contextlib.closing(sqlite3.connect(f"file:{catalog}?mode=ro", uri=True,
                                                 timeout=5)) as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
-        return int(row[0]) if row else None
-    except (sqlite3.Error, ValueError):
-        return None
+            return dict(db.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.Error:
+        return {}
 
 
 # --- the agent ---------------------------------------------------------------------------------
@@ -549,6 +555,7 @@ class Agent:
         self._next_telemetry = 0.0
         self._next_poll = 0.0
         self._unsubscribe: Callable[[], None] | None = None
+        self._outbox_lock: int | None = None  # the lock file's descriptor while running
         self.counters = _Counters()
         self.started = time.monotonic()
         self.client = config.broker.client(
@@ -564,6 +571,10 @@ class Agent:
         from device.updates import ModelUpdater
 
         self.updater = ModelUpdater(self)
+        # catalog releases: the group's retained release/catalog topic
+        from device.catalog_updates import CatalogUpdater
+
+        self.catalog_updater = CatalogUpdater(self)
 
     # --- extension points ----------------------------------------------------------------------
 
@@ -615,12 +626,14 @@ class Agent:
 
     def start(self) -> Agent:
         """Connect (retrying with backoff) and run on a background thread."""
+        self._claim_outbox()  # a second agent on this outbox fails here, in the caller
         self._thread = threading.Thread(target=self.run, name="fleet-agent", daemon=True)
         self._thread.start()
         return self
 
     def run(self) -> None:
         """Connect and work until stop(): the foreground form of start()."""
+        self._claim_outbox()
         b = self.config.broker
         if self.kiosk is not None:
             self.outbox.mark_behind()  # the listener waits for the first catch-up
@@ -644,6 +657,22 @@ class Agent:
         finally:
             self._shutdown()
 
+    def _claim_outbox(self) -> None:
+        """One agent per outbox: a second one (`storyscan agent` beside a kiosk run with
+        `--agent`) would send the same scans again under new sequence numbers. An exclusive
+        lock on `<outbox>.lock`, held until the agent stops (or its process dies)."""
+        if self._outbox_lock is not None:
+            return
+        fd = os.open(f"{self.outbox.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"{self.outbox.path}: another fleet agent is running on this "
+                              "outbox (a kiosk started with --agent, or 'storyscan agent'): "
+                              "run one of them") from None
+        self._outbox_lock = fd
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
@@ -661,9 +690,13 @@ class Agent:
             self.client.disconnect()
         self.client.loop_stop()
         self.updater.close()
+        self.catalog_updater.close()
         self.scan_log.close()
         self.outbox.close()
         self.monitor.close()
+        if self._outbox_lock is not None:
+            os.close(self._outbox_lock)  # closing the descriptor releases the lock
+            self._outbox_lock = None
         log.info("fleet agent %s stopped", self.config.device)
 
     # --- the agent's thread --------------------------------------------------------------------
@@ -790,12 +823,14 @@ class Agent:
             model, catalog = self.kiosk.pipeline.bundle.key, self.kiosk.catalog_version
         else:
             model = _bundle_key(self.config.path_of("bundle"))
-            catalog = _catalog_version(self.config.path_of("catalog"))
+            version = catalog_meta(self.config.path_of("catalog")).get("version")
+            catalog = int(version) if version is not None and version.isdecimal() else None
             if model is None or catalog is None:
                 last_model, last_catalog = self.scan_log.last_versions()
                 model = model or last_model
                 catalog = catalog if catalog is not None else last_catalog
-        return {"model": model, "catalog_version": catalog, "software": software_version()}
+        return {"model": model, "catalog_version": catalog,
+                "catalog_release": self.catalog_updater.applied, "software": software_version()}
 
     def _status(self, state: str, reason: str | None = None) -> str:
         body: dict = {"state": state, "device": self.config.device, "fleet": self.config.fleet,
@@ -817,15 +852,34 @@ class Agent:
         if self._connected and self.versions() != self._status_sent:
             self._publish_status()
 
+    def _mqtt_state(self) -> dict:
+        return {"connected": self._connected, "published": self.counters.published,
+                "refused": self.counters.refused, "last_refusal": self.counters.last_refusal,
+                "connects": self.counters.connects}
+
+    def sync_state(self) -> dict:
+        """The link to the fleet as the kiosk's status page shows it; safe from any thread:
+        the outbox is read through a read-only connection of this call's own (the outbox's
+        connections belong to the threads that opened them), the counters are plain values
+        the agent's thread sets."""
+        b = self.config.broker
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.outbox.path}?mode=ro",
+                                                    uri=True, timeout=5)) as db:
+                outbox: dict | None = self.outbox.stats(db)
+        except sqlite3.Error as e:
+            outbox = None
+            log.warning("cannot read the outbox %s (%s)", self.outbox.path, e)
+        return {"state": "connected" if self._connected else "disconnected",
+                "broker": f"{b.host}:{b.port}", "tls": bool(b.ca or b.cert),
+                "device": self.config.device, "fleet": self.config.fleet,
+                "group": self.config.group, "outbox": outbox, **self._mqtt_state()}
+
     def telemetry(self) -> dict:
         system = dict(self.monitor.read())
         sample: dict = {"time": now_iso(), "uptime_s": round(time.monotonic() - self.started, 1),
                         "system": system, **self.versions(), "outbox": self.outbox.stats(),
-                        "mqtt": {"connected": self._connected,
-                                 "published": self.counters.published,
-                                 "refused": self.counters.refused,
-                                 "last_refusal": self.counters.last_refusal,
-                                 "connects": self.counters.connects}}
+                        "mqtt": self._mqtt_state()}
         if self.kiosk is not None:
             health = self.kiosk.health()
             camera = dict(health.get("camera") or {})
@@ -873,13 +927,18 @@ class Agent:
             log.exception("command %s failed", name)
             result = Result(False, f"{type(e).__name__}: {e}")
         if isinstance(result, Future):
-            def finished(f: Future) -> None:
-                self._events.put(("done", cid, name, f))
-                self._wake.set()
-
-            result.add_done_callback(finished)
+            self.ack_when_done(cid, name, result)
             return
         self._ack(cid, name, result)
+
+    def ack_when_done(self, cid: str | None, name: str | None, future: Future) -> None:
+        """Ack the Result of work done elsewhere (a release's worker, the kiosk's thread) once
+        it is done, on the agent's thread: the outbox's connection lives there."""
+        def finished(f: Future) -> None:
+            self._events.put(("done", cid, name, f))
+            self._wake.set()
+
+        future.add_done_callback(finished)
 
     def _ack(self, cid: str | None, name: str | None, result: Result) -> None:
         ack = {"id": cid, "command": name, "ok": result.ok, "message": result.message,

@@ -4,7 +4,10 @@ The agent subscribes to its group's retained `storyscan/v1/<fleet>/groups/<group
 (fleet/release.py publishes it), so a device that was offline when a release went out gets it
 when it reconnects. Each release is handled on a worker thread of its own (the agent's thread
 keeps sending scans) and its result is acked on the device's `ack` topic like a command's
-(`"command": "release-model"`), ok or with the reason it was refused:
+(`"command": "release-model"`), ok or with the reason it was refused. A release that is part of
+a staged rollout (fleet/rollout.py) carries `rollout.targets`, the devices of its waves so far:
+a device not named there waits for the republished message that names it, and no device not
+yet on a halted rollout (`rollout.halted`) takes it.
 
 1. version: a release whose version is not newer than the running bundle's is refused (dotted
    numbers compare numerically, "10" after "9"; other versions compare as text). So is one the
@@ -32,6 +35,9 @@ Any failure leaves the old model serving and the staged files removed (a partial
 kept to resume). `rollback` (a command) swaps `current` and `previous` back and, in the kiosk's
 process, loads the previous bundle; the release rolled back from is then refused until a newer
 one comes. Installed bundles other than the current and the previous one are removed.
+
+Steps 2 and 3 (download with resume, size and sha256, plain files, the signature) are functions
+here that catalog releases (device/catalog_updates.py) use as well.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.files import write_json_atomic
-from device.sync import Agent, Result, group_topic
+from device.sync import Agent, DeviceConfig, Result, group_topic
 from models.bundle import MANIFEST, Bundle, BundleError, load_bundle, sha256_file
 
 if TYPE_CHECKING:
@@ -94,6 +100,112 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ReleaseRefused(f"{path} is not an Ed25519 public key")
     return key
+
+
+# --- shared by model and catalog releases (device/catalog_updates.py) ----------------------------
+
+
+def require_fields(release: dict, version: type) -> None:
+    """The fields every release message has: version (of the kind's type), url, size, sha256
+    and signature."""
+    for name, kind in (("version", version), ("url", str), ("size", int), ("sha256", str),
+                       ("signature", str)):
+        value = release.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ReleaseRefused(f"the release message lacks {name!r}")
+
+
+def release_public_key(config: DeviceConfig) -> Ed25519PublicKey:
+    """The operator's public key given at provisioning (`release_key` in the device config)."""
+    key_file = config.data.get("release_key")
+    if not key_file:
+        raise ReleaseRefused("no release public key was provisioned (storyscan provision "
+                             "--release-key)")
+    return load_public_key(config.base / key_file)
+
+
+def download(url: str, sha: str, size: int, staging: Path, timeout_s: float) -> Path:
+    """Into `<staging>/<sha>.part`, resuming where the last attempt stopped; checked."""
+    if not url.startswith(("http://", "https://")):
+        raise ReleaseRefused(f"the release URL {url!r} is not http(s)")
+    staging.mkdir(parents=True, exist_ok=True)
+    part = staging / f"{sha}.part"
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    if have < size:
+        request = urllib.request.Request(url)
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                mode = "ab" if have and response.status == 206 else "wb"
+                if mode == "wb":
+                    have = 0
+                with open(part, mode) as f:
+                    while chunk := response.read(CHUNK):
+                        f.write(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ReleaseRefused(f"download from {url} failed ({e}); "
+                                 f"{part.stat().st_size if part.exists() else 0} bytes "
+                                 "kept to resume") from None
+    got = part.stat().st_size
+    if got < size:
+        raise ReleaseRefused(f"truncated download: {got} of {size} bytes; kept to resume "
+                             "next time")
+    if got != size:
+        part.unlink()
+        raise ReleaseRefused(f"size mismatch: {got} bytes, the release says {size}")
+    if sha256_file(part) != sha:
+        part.unlink()
+        raise ReleaseRefused("sha256 mismatch: the archive is not the one released")
+    return part
+
+
+def unpack(archive: Path, stage: Path) -> bytes:
+    """Into the new folder `stage`: plain files with plain names only, manifest.json and the
+    files its `files` lists; returns manifest.json's bytes."""
+    stage.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            members = tar.getmembers()
+            names = [m.name for m in members]
+            if MANIFEST not in names or len(set(names)) != len(names):
+                raise ReleaseRefused("the archive has no manifest.json (or a name twice)")
+            for m in members:
+                if not m.isfile() or Path(m.name).name != m.name or m.name in ("", ".", ".."):
+                    raise ReleaseRefused(f"the archive holds {m.name!r}, not a plain file")
+            raw = tar.extractfile(MANIFEST).read()  # type: ignore[union-attr]
+            try:
+                listed = set(json.loads(raw).get("files") or {})
+            except (ValueError, AttributeError):
+                raise ReleaseRefused("manifest.json is not valid JSON") from None
+            extra = set(names) - listed - {MANIFEST}
+            if extra:
+                raise ReleaseRefused(f"the archive holds files its manifest does not list: "
+                                     f"{', '.join(sorted(extra))}")
+            for m in members:
+                src = tar.extractfile(m)
+                assert src is not None
+                with open(stage / m.name, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except tarfile.TarError as e:
+        raise ReleaseRefused(f"the archive is unreadable ({e})") from None
+    return raw
+
+
+def verify_signature(public: Ed25519PublicKey, signature: str, raw: bytes) -> dict:
+    """The operator's Ed25519 signature (base64) over the exact manifest bytes; returns the
+    manifest."""
+    try:
+        public.verify(base64.b64decode(signature, validate=True), raw)
+    except (InvalidSignature, ValueError):
+        raise ReleaseRefused("the signature does not match the manifest (not signed with the "
+                             "operator's key, or altered)") from None
+    return json.loads(raw)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -211,19 +323,31 @@ class ModelUpdater:
             return
         if sha in self._busy or sha in self._seen:
             return
+        if not self.targeted(release):
+            return  # not this device's wave (yet), or the rollout was halted
         self._busy.add(sha)
         future = self._pool.submit(self.apply, release)
         future.add_done_callback(lambda _f: self._busy.discard(sha))
         self._report(future)
 
+    def targeted(self, release: dict) -> bool:
+        """Whether this device takes the release now. A staged rollout (fleet/rollout.py)
+        names the devices of the waves so far in `rollout.targets` and republishes the
+        retained message as it advances; without it the whole group takes the release. A
+        halted rollout is taken by no one not yet on it."""
+        rollout = release.get("rollout")
+        if not isinstance(rollout, dict):
+            return True
+        if rollout.get("halted"):
+            log.info("release %s: rollout halted; not installing", release.get("version"))
+            return False
+        targets = rollout.get("targets")
+        return not isinstance(targets, list) or self.config.device in targets
+
     def _report(self, result: Result | Future) -> None:
         """Ack on the agent's thread (the outbox's connection lives there)."""
         if isinstance(result, Future):
-            def finished(f: Future) -> None:
-                self.agent._events.put(("done", None, RELEASE_COMMAND, f))
-                self.agent._wake.set()
-
-            result.add_done_callback(finished)
+            self.agent.ack_when_done(None, RELEASE_COMMAND, result)
         else:
             self.agent._ack(None, RELEASE_COMMAND, result)
 
@@ -245,10 +369,7 @@ class ModelUpdater:
         return Result(True, message, {"version": version, "bundle": str(self.current)})
 
     def _apply(self, release: dict) -> str:
-        for field, kind in (("version", str), ("url", str), ("size", int), ("sha256", str),
-                            ("signature", str)):
-            if not isinstance(release.get(field), kind):
-                raise ReleaseRefused(f"the release message lacks {field!r}")
+        require_fields(release, version=str)
         version, sha = release["version"], release["sha256"]
         if sha in self._state().get("rolled_back", []):
             self._seen.add(sha)
@@ -258,12 +379,8 @@ class ModelUpdater:
             self._seen.add(sha)
             raise ReleaseRefused(f"version {version} is not newer than the running "
                                  f"{running}")
-        key_file = self.config.data.get("release_key")
-        if not key_file:
-            raise ReleaseRefused("no release public key was provisioned (storyscan provision "
-                                 "--release-key)")
-        public = load_public_key(self.config.base / key_file)
-        archive = self.download(release["url"], sha, release["size"])
+        public = release_public_key(self.config)
+        archive = download(release["url"], sha, release["size"], self.staging, self.timeout_s)
         stage = self.staging / f"{sha[:16]}.d"
         shutil.rmtree(stage, ignore_errors=True)
         try:
@@ -292,13 +409,7 @@ class ModelUpdater:
         """Verify and unpack the archive, check and self-test the bundle, then rename it into
         `<releases>/bundles/`; returns the folder and what the self-test checked."""
         version = release["version"]
-        raw = self._unpack(archive, stage)
-        try:
-            public.verify(base64.b64decode(release["signature"], validate=True), raw)
-        except (InvalidSignature, ValueError):
-            raise ReleaseRefused("the signature does not match the manifest (not "
-                                 "signed with the operator's key, or altered)") from None
-        manifest = json.loads(raw)
+        manifest = verify_signature(public, release["signature"], unpack(archive, stage))
         if manifest.get("version") != version:
             raise ReleaseRefused(f"the manifest says version {manifest.get('version')!r}, "
                                  f"the release {version!r}")
@@ -317,77 +428,6 @@ class ModelUpdater:
         os.rename(stage, final)
         _fsync_dir(self.bundles)
         return final, checked
-
-    def download(self, url: str, sha: str, size: int) -> Path:
-        """Into `<staging>/<sha>.part`, resuming where the last attempt stopped; checked."""
-        if not url.startswith(("http://", "https://")):
-            raise ReleaseRefused(f"the release URL {url!r} is not http(s)")
-        self.staging.mkdir(parents=True, exist_ok=True)
-        part = self.staging / f"{sha}.part"
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            part.unlink()
-            have = 0
-        if have < size:
-            request = urllib.request.Request(url)
-            if have:
-                request.add_header("Range", f"bytes={have}-")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    mode = "ab" if have and response.status == 206 else "wb"
-                    if mode == "wb":
-                        have = 0
-                    with open(part, mode) as f:
-                        while chunk := response.read(CHUNK):
-                            f.write(chunk)
-                        f.flush()
-                        os.fsync(f.fileno())
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise ReleaseRefused(f"download from {url} failed ({e}); "
-                                     f"{part.stat().st_size if part.exists() else 0} bytes "
-                                     "kept to resume") from None
-        got = part.stat().st_size
-        if got < size:
-            raise ReleaseRefused(f"truncated download: {got} of {size} bytes; kept to resume "
-                                 "next time")
-        if got != size:
-            part.unlink()
-            raise ReleaseRefused(f"size mismatch: {got} bytes, the release says {size}")
-        if sha256_file(part) != sha:
-            part.unlink()
-            raise ReleaseRefused("sha256 mismatch: the archive is not the one released")
-        return part
-
-    def _unpack(self, archive: Path, stage: Path) -> bytes:
-        """Plain files with plain names only; returns manifest.json's bytes."""
-        stage.mkdir(parents=True)
-        try:
-            with tarfile.open(archive, "r:") as tar:
-                members = tar.getmembers()
-                names = [m.name for m in members]
-                if MANIFEST not in names or len(set(names)) != len(names):
-                    raise ReleaseRefused("the archive has no manifest.json (or a name twice)")
-                for m in members:
-                    if not m.isfile() or Path(m.name).name != m.name or m.name in ("", ".",
-                                                                                   ".."):
-                        raise ReleaseRefused(f"the archive holds {m.name!r}, not a plain file")
-                raw = tar.extractfile(MANIFEST).read()  # type: ignore[union-attr]
-                try:
-                    listed = set(json.loads(raw).get("files") or {})
-                except (ValueError, AttributeError):
-                    raise ReleaseRefused("manifest.json is not valid JSON") from None
-                extra = set(names) - listed - {MANIFEST}
-                if extra:
-                    raise ReleaseRefused(f"the archive holds files its manifest does not list: "
-                                         f"{', '.join(sorted(extra))}")
-                for m in members:
-                    src = tar.extractfile(m)
-                    assert src is not None
-                    with open(stage / m.name, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        except tarfile.TarError as e:
-            raise ReleaseRefused(f"the archive is unreadable ({e})") from None
-        return raw
 
     # --- switching -----------------------------------------------------------------------------
 

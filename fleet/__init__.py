@@ -13,9 +13,10 @@ broker settings come from device/sync.py, so the two cannot drift apart.
   every event is stored once per (fleet, device, seq).
 - fleet/controller.py: the ingest loop (MQTT 5, persistent session, each message acknowledged
   only after it is committed).
-- fleet/release.py: model releases: the operator's Ed25519 key, signed bundle archives, the
-  retained release message, and an HTTP server with Range requests for the archives.
-- fleet/cli.py: `storyscan fleet controller|status|stats|command|keygen|publish-model|serve`.
-
-Not built yet: staged rollout (waves) and catalog releases.
+- fleet/release.py: model and catalog releases: the operator's Ed25519 key, signed archives,
+  the retained release messages, and an HTTP server with Range requests for the archives.
+- fleet/rollout.py: staged model rollouts: canary and waves, advanced by the controller as
+  acks come in, halted on failures.
+- fleet/cli.py: `storyscan fleet controller|status|stats|command|keygen|publish-model|
+  publish-catalog|serve`.
 """

@@ -7,7 +7,11 @@ entry point; nothing heavy is imported until a command runs).
     storyscan fleet command kiosk-001 ping --config provisioned/ops/controller.json
     storyscan fleet keygen --out keys/
     storyscan fleet publish-model BUNDLE --group store-12 --artifacts www/ \
-        --url-base http://ops.example:8000 --key keys/release.key --config controller.json
+        --url-base http://ops.example:8000 --key keys/release.key --config controller.json \
+        --canary 10%
+    storyscan fleet publish-catalog products.csv --version 7 --group store-12 --artifacts www/ \
+        --url-base http://ops.example:8000 --key keys/release.key --config controller.json \
+        --remove MUG-003,PLT-009
     storyscan fleet serve www/ --port 8000
 """
 
@@ -86,24 +90,34 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from fleet.rollout import summary
     from models.tables import format_table
 
     db = _db(args)
-    rows = db.status(args.fleet, stale_s=args.stale)
-    db.close()
+    try:
+        rows = db.status(args.fleet, stale_s=args.stale)
+        rollouts = summary(db, args.fleet)
+    finally:
+        db.close()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"devices": rows, "rollouts": rollouts}, indent=2))
         return 0
     if not rows:
         print(f"no devices in {args.db} yet")
         return 0
     columns = ["device", "group", "state", "since", "last_seen", "model", "catalog",
-               "software", "scans", "missing", "dropped_telemetry", "cpu_percent", "fps"]
+               "catalog_release", "software", "scans", "missing", "dropped_telemetry",
+               "cpu_percent", "fps"]
     if len({r["fleet"] for r in rows}) > 1:
         columns.insert(0, "fleet")
     print(format_table(rows, columns, {"cpu_percent": ".0f", "fps": ".1f"}))
     online = sum(r["state"] == "online" for r in rows)
     print(f"{len(rows)} devices: {online} online, {len(rows) - online} not")
+    if rollouts:
+        print("\nrollouts (newest first)")
+        print(format_table(rollouts, ["rollout", "group", "version", "state", "wave",
+                                      "targeted", "installed", "failed", "pending", "started",
+                                      "reason"]))
     return 0
 
 
@@ -175,16 +189,53 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_publish_model(args: argparse.Namespace) -> int:
+    from fleet import rollout
     from fleet.release import load_private_key, make_release, publish
 
     broker, fleet, name = _broker(args)
+    waves = rollout.parse_waves(args.canary, args.waves)
+    for option in ("advance_at", "halt_at"):
+        if not 0 < getattr(args, option) <= 1:
+            raise rollout.ConfigError(f"--{option.replace('_', '-')} must be in (0, 1]")
     release = make_release(args.bundle, args.artifacts, args.url_base,
                            load_private_key(args.key), fleet, args.group)
     m = release.message
     print(f"{release.archive}: {m['size']} bytes, sha256 {m['sha256']}, signed")
-    publish(broker, fleet, release.topic, m, client_name=name, timeout=args.timeout)
+    db = _db(args)
+    try:
+        row, first = rollout.start(db, fleet, args.group, m, release.topic, waves,
+                                   args.advance_at, args.halt_at)
+        try:
+            publish(broker, fleet, release.topic, first, client_name=name, timeout=args.timeout)
+        except Exception as e:
+            db.update_rollout(row["id"], state="failed", reason=f"not published: {e}")
+            raise
+    finally:
+        db.close()
+    targets = first["rollout"].get("targets")
     print(f"release {m['name']} {m['version']} published (retained) on {release.topic}: "
           f"{m['url']}")
+    if targets is None:
+        print(f"rollout {row['id']}: the whole group at once")
+    else:
+        print(f"rollout {row['id']}: wave 1 of {len(waves)} to {len(targets)} device(s) "
+              f"({', '.join(targets)}); waves {', '.join(f'{w:.0%}' for w in waves)}: a running "
+              "'storyscan fleet controller' advances them")
+    return 0
+
+
+def cmd_publish_catalog(args: argparse.Namespace) -> int:
+    from fleet.release import load_private_key, make_catalog_release, publish
+
+    broker, fleet, name = _broker(args)
+    remove = [s.strip() for s in (args.remove or "").split(",") if s.strip()]
+    release = make_catalog_release(args.source, args.version, args.artifacts, args.url_base,
+                                   load_private_key(args.key), fleet, args.group, remove)
+    m = release.message
+    print(f"{release.archive}: {m['products']} products, {m['images']} photos, "
+          f"{len(m['remove'])} removals; {m['size']} bytes, sha256 {m['sha256']}, signed")
+    publish(broker, fleet, release.topic, m, client_name=name, timeout=args.timeout)
+    print(f"catalog release {m['version']} published (retained) on {release.topic}: {m['url']}")
     return 0
 
 
@@ -234,7 +285,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     q.set_defaults(func=cmd_controller)
 
     q = fsub.add_parser("status", help="devices online/offline, last seen, model and catalog "
-                                       "versions")
+                                       "versions; rollouts")
     _add_db_arg(q)
     q.add_argument("--fleet", help="only this fleet")
     q.add_argument("--stale", type=float, default=300.0, metavar="S",
@@ -278,9 +329,40 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     q.add_argument("--url-base", required=True,
                    help="the artifacts folder's URL as devices reach it")
     q.add_argument("--key", required=True, help="the release private key (fleet keygen)")
+    q.add_argument("--canary", metavar="N%",
+                   help="staged rollout: N%% of the group first (then 50%%, then all, unless "
+                        "--waves says otherwise)")
+    q.add_argument("--waves", metavar="A,B,...",
+                   help="staged rollout: cumulative %% of the group per wave, e.g. 10,50,100")
+    q.add_argument("--advance-at", type=float, default=0.9, metavar="SHARE",
+                   help="next wave once this share of the devices targeted so far installed "
+                        "it (default 0.9)")
+    q.add_argument("--halt-at", type=float, default=0.2, metavar="SHARE",
+                   help="halt once this share of the devices targeted so far failed "
+                        "(default 0.2)")
     _add_broker_args(q)
+    _add_db_arg(q)
     q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker")
     q.set_defaults(func=cmd_publish_model)
+
+    q = fsub.add_parser("publish-catalog", help="sign catalog changes (products, stories, "
+                                                "prices, photos, removals) as a numbered "
+                                                "release and announce it to a group")
+    q.add_argument("source", help="products folder or CSV, as 'storyscan catalog import' reads "
+                                  "(photo paths relative to it)")
+    q.add_argument("--version", type=int, required=True, metavar="N",
+                   help="the release number: above the last catalog release's (devices "
+                        "refuse an older or equal one)")
+    q.add_argument("--remove", metavar="SKU,...", help="SKUs the devices delete")
+    q.add_argument("--group", required=True, help="the devices' group")
+    q.add_argument("--artifacts", required=True,
+                   help="folder the archives are served from (storyscan fleet serve)")
+    q.add_argument("--url-base", required=True,
+                   help="the artifacts folder's URL as devices reach it")
+    q.add_argument("--key", required=True, help="the release private key (fleet keygen)")
+    _add_broker_args(q)
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker")
+    q.set_defaults(func=cmd_publish_catalog)
 
     q = fsub.add_parser("serve", help="serve release archives over HTTP (with Range requests)")
     q.add_argument("folder")

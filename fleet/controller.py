@@ -12,6 +12,10 @@ stores it once (fleet/db.py). A database error is retried with backoff without a
 
 The device id comes from the topic, never from the payload: the broker's ACL lets each device
 write only its own topics, so the topic is what identifies it.
+
+Staged rollouts (fleet/rollout.py) advance here: every `rollout_every_s` seconds a thread of
+the controller counts each rolling rollout's acks and republishes its release message with the
+next wave, or halted, through the controller's own connection.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from device.sync import (
     device_topic,
     username,
 )
+from fleet import rollout
 from fleet.db import FleetDB
 
 log = logging.getLogger("storyscan.fleet")
@@ -54,8 +59,13 @@ class Counters:
 class Controller:
     def __init__(self, broker: BrokerSettings, fleet: str, db: FleetDB,
                  name: str = "controller", session_expiry_s: int = SESSION_EXPIRY_S,
-                 reconnect: tuple[float, float] = (1.0, 30.0)) -> None:
+                 reconnect: tuple[float, float] = (1.0, 30.0),
+                 rollout_every_s: float = 2.0) -> None:
         self.broker, self.fleet, self.db, self.name = broker, fleet, db, name
+        self.rollout_every_s = rollout_every_s
+        self._acked: dict[int, object] = {}  # mid -> PUBACK reason code
+        self._puback = threading.Condition()
+        self._rollouts: threading.Thread | None = None
         self.session_expiry_s = session_expiry_s
         self.counters = Counters()
         self.connected = threading.Event()
@@ -64,6 +74,7 @@ class Controller:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
         self.filters = [device_topic(fleet, "+", leaf) for leaf in DEVICE_LEAVES]
 
     def start(self) -> Controller:
@@ -72,12 +83,52 @@ class Controller:
                                   keepalive=self.broker.keepalive, clean_start=False,
                                   properties=connect_properties(self.session_expiry_s))
         self.client.loop_start()
+        self._rollouts = threading.Thread(target=self._advance_rollouts_loop,
+                                          name="fleet-rollouts", daemon=True)
+        self._rollouts.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self._rollouts is not None:
+            self._rollouts.join(10)
         self.client.disconnect()
         self.client.loop_stop()
+
+    # --- rollouts ------------------------------------------------------------------------------
+
+    def _advance_rollouts_loop(self) -> None:
+        while not self._stop.wait(self.rollout_every_s):
+            if not self.connected.is_set():
+                continue
+            try:
+                for line in rollout.advance(self.db, self.publish_retained):
+                    log.info("%s", line)
+            except self.db.errors as e:
+                log.error("fleet database: %s; rollouts wait", e)
+            except Exception:
+                log.exception("advancing rollouts failed; trying again")
+
+    def publish_retained(self, topic: str, message: dict, timeout: float = 10.0) -> bool:
+        """Publish retained, QoS 1; True once the broker acknowledged it with success. (No
+        lock of ours is held while paho's are: its network thread calls _on_publish holding
+        its own.)"""
+        info = self.client.publish(topic, json.dumps(message, separators=(",", ":")), qos=1,
+                                   retain=True)
+        with self._puback:
+            if not self._puback.wait_for(lambda: info.mid in self._acked, timeout):
+                log.warning("%s: no PUBACK within %g s; trying again later", topic, timeout)
+                return False
+            reason = self._acked.pop(info.mid)
+        if reason.is_failure:
+            log.error("the broker refused the release on %s: %s", topic, reason)
+            return False
+        return True
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._puback:
+            self._acked[mid] = reason_code
+            self._puback.notify_all()
 
     def run(self) -> None:
         """In the foreground until stop() (from a signal handler) or Ctrl-C."""

@@ -6,7 +6,8 @@
 the only function that differs (max of two values) is chosen per dialect.
 
 Tables: `devices` (one row per device: its retained status, versions, last seen), `scans`,
-`telemetry` and `acks` (one row per event). Events have the primary key (fleet, device, seq)
+`telemetry` and `acks` (one row per event), and `rollouts` (staged model releases and how far
+each went, fleet/rollout.py). Events have the primary key (fleet, device, seq)
 and are inserted with ON CONFLICT DO NOTHING, so ingesting a message twice (a resend after a
 lost PUBACK, a redelivery after a controller restart) stores its events once. Times are ISO
 8601 UTC text; `day` is the scan's UTC date, for the per-day statistics.
@@ -45,6 +46,13 @@ SCHEMA = [
     "seq BIGINT NOT NULL, command_id TEXT, command TEXT, ok INTEGER, message TEXT, data TEXT, "
     "time TEXT, received TEXT NOT NULL, PRIMARY KEY (fleet, device, seq))",
     "CREATE INDEX IF NOT EXISTS acks_command ON acks (command_id)",
+    # staged model rollouts (fleet/rollout.py); added without a schema version bump: CREATE
+    # IF NOT EXISTS gives an older database the table when it is opened
+    "CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, fleet TEXT NOT NULL, "
+    "grp TEXT NOT NULL, version TEXT NOT NULL, model TEXT NOT NULL, topic TEXT NOT NULL, "
+    "message TEXT NOT NULL, waves TEXT NOT NULL, advance_at DOUBLE PRECISION NOT NULL, "
+    "halt_at DOUBLE PRECISION NOT NULL, wave INTEGER NOT NULL, targets TEXT, "
+    "state TEXT NOT NULL, reason TEXT, started TEXT NOT NULL, updated TEXT NOT NULL)",
 ]
 
 SCAN_FIELDS = ("scan_id", "time", "sku", "name", "unknown", "confidence", "similarity",
@@ -294,7 +302,8 @@ class FleetDB:
             out.append({
                 "fleet": d["fleet"], "device": d["device"], "group": d["grp"], "state": state,
                 "since": d["state_since"], "last_seen": d["last_seen"], "model": d["model"],
-                "catalog": d["catalog_version"], "software": d["software"],
+                "catalog": d["catalog_version"],
+                "catalog_release": status.get("catalog_release"), "software": d["software"],
                 "scans": c["n"], "missing": (c["last_seq"] or 0) - c["n"],
                 "dropped_telemetry": dropped,
                 "cpu_percent": (t.get("system") or {}).get("cpu_percent"),
@@ -302,6 +311,40 @@ class FleetDB:
                 "latency_p95_ms": (t.get("kiosk") or {}).get("latency_p95_ms"),
                 "reason": status.get("reason")})
         return out
+
+    # --- rollouts ------------------------------------------------------------------------------
+
+    def add_rollout(self, rollout: dict) -> None:
+        """Record a new rollout; an unfinished one of the same group is superseded by it."""
+        with self.transaction():
+            self._exec("UPDATE rollouts SET state = 'superseded', updated = ? WHERE fleet = ? "
+                       "AND grp = ? AND state IN ('rolling', 'halted')",
+                       (rollout["updated"], rollout["fleet"], rollout["grp"]))
+            columns = list(rollout)
+            self._exec(f"INSERT INTO rollouts ({', '.join(columns)}) VALUES "
+                       f"({', '.join('?' * len(columns))})", [rollout[c] for c in columns])
+
+    def update_rollout(self, rollout_id: str, **values: Any) -> None:
+        values["updated"] = now_iso()
+        with self.transaction():
+            self._exec(f"UPDATE rollouts SET {', '.join(f'{k} = ?' for k in values)} "
+                       "WHERE id = ?", [*values.values(), rollout_id])
+
+    def rollouts(self, fleet: str | None = None, state: str | None = None) -> list[dict]:
+        """Rollouts, newest first."""
+        where, params = self._where(fleet, None, ("state = ?", state))
+        return self._rows(f"SELECT * FROM rollouts{where} ORDER BY started DESC, id", params)
+
+    def group_devices(self, fleet: str, group: str) -> list[dict]:
+        """The devices that said they belong to `group`: name, state and running model."""
+        return self._rows("SELECT device, state, model FROM devices WHERE fleet = ? AND "
+                          "grp = ? ORDER BY device", [fleet, group])
+
+    def release_acks(self, fleet: str, since: str) -> list[dict]:
+        """Model-release results acked since `since` (ISO time received), oldest first."""
+        return self._rows("SELECT device, ok, message, data FROM acks WHERE fleet = ? AND "
+                          "command = 'release-model' AND received >= ? ORDER BY received, seq",
+                          [fleet, since])
 
     def stats(self, by: list[str], fleet: str | None = None, since: str | None = None,
               until: str | None = None) -> list[dict]:

@@ -1,18 +1,30 @@
-"""Model releases, the operator's side: the release key, signed bundle archives, the retained
-release message and a static HTTP server for the archives.
+"""Model and catalog releases, the operator's side: the release key, signed archives, the
+retained release message and a static HTTP server for the archives.
+
+Both kinds are one archive each: manifest.json, which pins every other file by size and sha256,
+plus those files; the operator's Ed25519 signature over the exact bytes of manifest.json so
+covers the whole archive.
 
 - `keygen(out)`: the operator's Ed25519 key pair (`release.key`, PKCS#8 PEM, mode 0600, kept by
   the operator; `release.pub`, given to every device by `storyscan provision --release-key`).
-- `sign_manifest(bundle, key)`: an Ed25519 signature over the exact bytes of the bundle's
-  manifest.json, which pins every other file by size and sha256 (models/bundle.py), so one
-  signature covers the whole bundle.
-- `pack(bundle, out)`: a deterministic tar (sorted names, mtime 0, owner 0, mode 0644, no
-  compression: ONNX weights do not shrink) holding manifest.json and the files it lists.
-- `publish_model(...)`: packs, signs, copies the archive into the artifacts folder and
-  publishes the release, retained (QoS 1), on `storyscan/v1/<fleet>/groups/<group>/release/model`:
-  `{"v": 1, "kind": "model", "name", "version", "key", "url", "size", "sha256", "signature",
-  "manifest"}` (signature base64; manifest as parsed JSON, for people: devices verify the bytes
-  in the archive). A device that is offline gets it when it reconnects.
+- `pack(manifest, files, out)`: a deterministic tar (sorted names, mtime 0, owner 0, mode 0644,
+  no compression: ONNX weights and JPEGs do not shrink) holding manifest.json and the files.
+- `make_release(bundle, ...)`: a model bundle (models/bundle.py's manifest), checked, packed
+  and signed; its message, for `release/model`: `{"v": 1, "kind": "model", "name", "version",
+  "key", "url", "size", "sha256", "signature", "manifest"}` (signature base64; manifest as
+  parsed JSON, for people: devices verify the bytes in the archive).
+- `make_catalog_release(source, version, ...)`: a products file or folder (any format
+  `storyscan catalog import` reads, device/importers.py) and SKUs to remove, as a catalog
+  release for `release/catalog`: its manifest is `{"kind": "catalog", "version": N, "products":
+  [{"sku", "name", "category", "price", "currency", "stories", "attributes", "images":
+  [names]}], "remove": [skus], "files": {name: {"sha256", "bytes"}}}`, each reference photo
+  under a plain name of its own (`<sku>-NN<suffix>`); its message is `{"v": 1, "kind":
+  "catalog", "version", "url", "size", "sha256", "signature", "products", "images",
+  "remove"}` (counts of products and photos, the SKUs removed). Versions are whole numbers,
+  each release's above the last: a device refuses one not newer than the one it applied.
+- `publish(...)`: the release message, retained (QoS 1), on
+  `storyscan/v1/<fleet>/groups/<group>/release/<kind>`; a device that is offline gets it when
+  it reconnects.
 - `serve(folder, port)`: HTTP with Range requests (`bytes=a-`, `bytes=a-b`: 206), so a device
   resumes a broken download; any static host that honours Range does as well.
 """
@@ -20,6 +32,7 @@ release message and a static HTTP server for the archives.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -27,16 +40,18 @@ import re
 import shutil
 import tarfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.sync import BrokerSettings, ConfigError, group_topic, username
+from device.sync import BrokerSettings, ConfigError, check_name, group_topic, username
 from models.bundle import MANIFEST, BundleError, load_bundle, sha256_file
 
 PRIVATE_NAME, PUBLIC_NAME = "release.key", "release.pub"
@@ -76,23 +91,20 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     return key
 
 
-def sign_manifest(bundle: str | Path, key: Ed25519PrivateKey) -> bytes:
-    return key.sign((Path(bundle) / MANIFEST).read_bytes())
+def pack(manifest: bytes, files: dict[str, Path], out: str | Path) -> None:
+    """manifest.json and `files` (archive name -> path), as a tar whose bytes depend on theirs
+    alone."""
+    def add(tar: tarfile.TarFile, name: str, size: int, data: BinaryIO) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
+        info.uname = info.gname = ""
+        tar.addfile(info, data)
 
-
-def pack(bundle: str | Path, out: str | Path) -> None:
-    """manifest.json and the files it lists, as a tar whose bytes depend on theirs alone."""
-    bundle = Path(bundle)
-    manifest = json.loads((bundle / MANIFEST).read_bytes())
-    names = [MANIFEST, *sorted(manifest["files"])]
     with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name in names:
-            info = tarfile.TarInfo(name)
-            info.size = (bundle / name).stat().st_size
-            info.mtime, info.mode, info.uid, info.gid = 0, 0o644, 0, 0
-            info.uname = info.gname = ""
-            with open(bundle / name, "rb") as f:
-                tar.addfile(info, f)
+        add(tar, MANIFEST, len(manifest), io.BytesIO(manifest))
+        for name in sorted(files):
+            with open(files[name], "rb") as f:
+                add(tar, name, files[name].stat().st_size, f)
 
 
 @dataclass
@@ -102,32 +114,95 @@ class Release:
     archive: Path
 
 
+def _release(kind: str, manifest: bytes, files: dict[str, Path], name: str,
+             artifacts: str | Path, url_base: str, key: Ed25519PrivateKey, fleet: str,
+             group: str, fields: dict) -> Release:
+    """Pack and sign: the archive `name` in `artifacts` (written beside it, then renamed) and
+    the message to publish on the group's `release/<kind>` (nothing is published here)."""
+    check_name("group", group)
+    artifacts = Path(artifacts)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    archive = artifacts / name
+    tmp = artifacts / f".{name}.tmp"
+    pack(manifest, files, tmp)
+    os.replace(tmp, archive)
+    message = {"v": 1, "kind": kind, **fields, "url": f"{url_base.rstrip('/')}/{name}",
+               "size": archive.stat().st_size, "sha256": sha256_file(archive),
+               "signature": base64.b64encode(key.sign(manifest)).decode(),
+               "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return Release(group_topic(fleet, group, f"release/{kind}"), message, archive)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
 def make_release(bundle: str | Path, artifacts: str | Path, url_base: str,
                  key: Ed25519PrivateKey, fleet: str, group: str) -> Release:
     """Verify the bundle, pack and sign it, put the archive in `artifacts`: the message to
     publish (nothing is published here)."""
-    from device.sync import check_name
-
     try:
         b = load_bundle(bundle)  # every file's hash checked before anything is signed
     except BundleError as e:
         raise ReleaseError(str(e)) from None
-    check_name("group", group)
-    artifacts = Path(artifacts)
-    artifacts.mkdir(parents=True, exist_ok=True)
-    safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", b.version)
-    name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', b.name)}-{safe_version}-{b.digest[:12]}.tar"
-    tmp = artifacts / f".{name}.tmp"
-    pack(b.path, tmp)
-    os.replace(tmp, artifacts / name)
-    archive = artifacts / name
-    signature = sign_manifest(b.path, key)
-    message = {"v": 1, "kind": "model", "name": b.name, "version": b.version, "key": b.key,
-               "url": f"{url_base.rstrip('/')}/{name}", "size": archive.stat().st_size,
-               "sha256": sha256_file(archive),
-               "signature": base64.b64encode(signature).decode(), "manifest": b.manifest,
-               "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return Release(group_topic(fleet, group, "release/model"), message, archive)
+    manifest = (b.path / MANIFEST).read_bytes()
+    if hashlib.sha256(manifest).hexdigest() != b.digest:
+        raise ReleaseError(f"{b.path / MANIFEST} changed while it was being checked")
+    return _release("model", manifest, {n: b.path / n for n in b.manifest["files"]},
+                    f"{_safe(b.name)}-{_safe(b.version)}-{b.digest[:12]}.tar", artifacts,
+                    url_base, key, fleet, group,
+                    {"name": b.name, "version": b.version, "key": b.key,
+                     "manifest": b.manifest})
+
+
+def make_catalog_release(source: str | Path, version: int, artifacts: str | Path,
+                         url_base: str, key: Ed25519PrivateKey, fleet: str, group: str,
+                         remove: Iterable[str] = ()) -> Release:
+    """The products in `source` (with their stories, prices, attributes and reference photos)
+    and the SKUs to `remove`, as catalog release `version`: packed, signed, the archive in
+    `artifacts`, the message to publish (nothing is published here)."""
+    from device.catalog import CatalogError, check_skus
+    from device.importers import read_products
+
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ReleaseError(f"catalog version {version!r}: a whole number from 1, above the "
+                           "last release's")
+    remove = sorted(set(remove))
+    try:
+        products = read_products(source)
+        check_skus([*(p.sku for p in products), *remove])
+    except CatalogError as e:
+        raise ReleaseError(str(e)) from None
+    skus = [p.sku for p in products]
+    twice = sorted({s for s in skus if skus.count(s) > 1})
+    if twice:
+        raise ReleaseError(f"{source}: SKUs listed twice: {', '.join(twice)}")
+    both = sorted(set(skus) & set(remove))
+    if both:
+        raise ReleaseError(f"SKUs both in {source} and --remove: {', '.join(both)}")
+    files: dict[str, Path] = {}
+    records = []
+    for p in products:
+        names = []
+        for i, image in enumerate(p.images):
+            path = Path(image)
+            if not path.is_file():
+                raise ReleaseError(f"{path}: reference photo of {p.sku} not found")
+            suffix = path.suffix.lower() if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", path.suffix) \
+                else ""
+            names.append(f"{p.sku}-{i:02d}{suffix}")  # plain and unique: SKUs are plain
+            files[names[-1]] = path
+        records.append(asdict(replace(p, images=names)))
+    manifest = json.dumps(
+        {"kind": "catalog", "version": version, "products": records, "remove": remove,
+         "files": {n: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                   for n, f in sorted(files.items())}},
+        indent=2, ensure_ascii=False).encode() + b"\n"
+    digest = hashlib.sha256(manifest).hexdigest()
+    return _release("catalog", manifest, files, f"catalog-{version}-{digest[:12]}.tar",
+                    artifacts, url_base, key, fleet, group,
+                    {"version": version, "products": len(records), "images": len(files),
+                     "remove": remove})
 
 
 def publish(broker: BrokerSettings, fleet: str, topic: str, message: dict,

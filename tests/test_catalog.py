@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sqlite3
 import zlib
 from pathlib import Path
 
@@ -125,6 +126,59 @@ def test_reimporting_a_product_replaces_its_stories_and_forgets_its_embeddings(
     skus, _ = cat.embeddings("m1")
     assert skus == ["MUG-007"]
     assert cat.missing_embeddings("m1") == [("PLT-001", Path(got.images[0]))]
+
+
+def _state(cat: Catalog) -> tuple:
+    """Rows, meta and media files: all a release may change."""
+    rows = tuple(sorted(map(repr, cat.db[t].rows)) for t in ("meta", "products", "stories",
+                                                              "embeddings"))
+    return rows, sorted((str(f), f.read_bytes()) for f in cat.media.rglob("*") if f.is_file())
+
+
+def test_a_release_upserts_and_removes_in_one_go_and_only_a_newer_one_follows(
+        tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.db")
+    cat.upsert([plate(tmp_path), mug(tmp_path)])
+    cat.put_embeddings("m1", [(sku, img, vector(i)) for i, (sku, img)
+                              in enumerate(cat.missing_embeddings("m1"))])
+    old_photos = cat.product("PLT-001").images
+    photo(tmp_path / "rel" / "new.jpg")
+    assert cat.apply_release(4, [plate(tmp_path, price=19.0, images=["new.jpg"])], ["MUG-007"],
+                             tmp_path / "rel", "ab" * 32) == 2
+    got = cat.product("PLT-001")
+    assert (got.price, [Path(i).name for i in got.images]) == (19.0, ["r4-00-new.jpg"])
+    assert cat.product("MUG-007") is None and cat.embeddings("m1")[0] == []
+    assert cat.release_version == 4 and cat.version == 2
+    assert not any(Path(p).exists() for p in old_photos)  # replaced: gone once committed
+    assert not (cat.media / "MUG-007").exists()
+    before = _state(cat)
+    for version in (3, 4):
+        with pytest.raises(CatalogError, match=f"release {version} is not newer than the "
+                                               "applied 4"):
+            cat.apply_release(version, [mug(tmp_path)], [], tmp_path, "cd" * 32)
+        assert _state(cat) == before
+    with pytest.raises(CatalogError, match="both updated and removed: MUG-007"):
+        cat.apply_release(5, [mug(tmp_path)], ["MUG-007"], tmp_path, "cd" * 32)
+
+
+def test_a_release_that_fails_half_way_leaves_the_catalog_exactly_as_it_was(
+        tmp_path: Path) -> None:
+    """The last write of the transaction fails (a trigger, as a full disk would): the rows,
+    the versions and the media folder are as before; the photos it copied are gone."""
+    cat = Catalog(tmp_path / "catalog.db")
+    cat.upsert([plate(tmp_path), mug(tmp_path)])
+    cat.put_embeddings("m1", [(sku, img, vector(i)) for i, (sku, img)
+                              in enumerate(cat.missing_embeddings("m1"))])
+    cat.db.execute("CREATE TRIGGER full BEFORE UPDATE ON meta WHEN NEW.key = 'version' "
+                   "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    before = _state(cat)
+    photo(tmp_path / "rel" / "new.jpg")
+    with pytest.raises(sqlite3.IntegrityError, match="disk is full"):
+        cat.apply_release(1, [plate(tmp_path, name="Renamed", images=["new.jpg"]),
+                              Product("VAS-1", "Vase", "vases", images=["new.jpg"])],
+                          ["MUG-007"], tmp_path / "rel", "ab" * 32)
+    assert _state(cat) == before
+    assert cat.release_version == 0 and cat.product("MUG-007") is not None
 
 
 def test_a_missing_reference_photo_is_named_and_nothing_is_imported(tmp_path: Path) -> None:

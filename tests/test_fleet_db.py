@@ -157,7 +157,8 @@ def test_fleet_status_and_stats_commands(tmp_path: Path) -> None:
     assert "offline" in k2 and "demo@2#def" in k2
     assert lines[-1] == "2 devices: 1 online, 1 not"
     r = storyscan("fleet", "status", "--db", path, "--json")
-    assert {d["device"]: d["scans"] for d in json.loads(r.stdout)} == {"k1": 6, "k2": 3}
+    assert {d["device"]: d["scans"] for d in json.loads(r.stdout)["devices"]} == {"k1": 6,
+                                                                                   "k2": 3}
 
     r = storyscan("fleet", "stats", "--db", path)
     assert r.returncode == 0, r.stderr

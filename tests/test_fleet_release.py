@@ -8,6 +8,7 @@ Versions 1 and 2 are the trained demo bundle and a copy of it with version "2" i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,18 +58,17 @@ class Env:
     root: Path
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    """The operator's key pair, three kiosks provisioned with its public key (r1 in group g1,
-    r2 in g2, r3 in g3), the controller, a broker, and `storyscan fleet serve` on a free port."""
-    root = tmp_path_factory.mktemp("release")
+@contextlib.contextmanager
+def release_env(root: Path, groups: dict[str, str]) -> Iterator[Env]:
+    """The operator's key pair, kiosks provisioned with its public key (`groups`: device ->
+    group), the controller, a broker, and `storyscan fleet serve` on a free port."""
     keys = root / "keys"
     r = storyscan("fleet", "keygen", "--out", keys)
     assert r.returncode == 0, r.stderr
     out = root / "provisioned"
     devices = {d: provision_device(d, FLEET, g, out, "127.0.0.1:8883", out / "ca",
                                    release_key=keys / "release.pub")
-               for d, g in (("r1", "g1"), ("r2", "g2"), ("r3", "g3"))}
+               for d, g in groups.items()}
     ops = provision_controller("ops", FLEET, out, "127.0.0.1:8883", out / "ca")
     fleet = Fleet(out, devices, ops)
     broker = Broker(mosquitto(), out / "broker", root / "broker").start()
@@ -88,6 +88,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         server.terminate()
         server.wait(15)
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """r1 in group g1, r2 in g2, r3 in g3."""
+    with release_env(tmp_path_factory.mktemp("release"),
+                     {"r1": "g1", "r2": "g2", "r3": "g3"}) as e:
+        yield e
 
 
 def _answers(url: str) -> bool:
@@ -337,9 +345,10 @@ def test_an_offline_kiosk_gets_the_release_on_reconnect(
     ctl.write_text(json.dumps(data))
     r = storyscan("fleet", "publish-model", versions["3"], "--group", "g2", "--artifacts",
                   env.artifacts, "--url-base", env.url, "--key", env.keys / "release.key",
-                  "--config", ctl)
+                  "--config", ctl, "--db", tmp_path / "fleet.db")
     assert r.returncode == 0, r.stderr
     assert "published (retained) on storyscan/v1/acme/groups/g2/release/model" in r.stdout
+    assert "the whole group at once" in r.stdout
 
     config = device(env, "r2", versions["1"], tmp_path)
     pipeline = Pipeline.open(tmp_path / "bundle", copy_catalog(trained_demo, tmp_path))
