@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,44 +52,69 @@ def top1(matcher: Matcher, queries: np.ndarray, truth: list[str]) -> float:
     return float(np.mean([p == t for p, t in zip(picks, truth, strict=True)]))
 
 
+@dataclass
+class HeldOut:
+    """A held-out model's view of the data: every photo's trained embedding and unit pooled
+    features (flip-averaged FP32), product names per split, the trained prototypes, and the
+    photos each held-out product is enrolled from and tuned on (training photos only)."""
+
+    checkpoint: Path
+    ckpt: dict
+    spec: InputSpec
+    fine: list[str]  # every product
+    held: list[str]
+    known: list[str]
+    trained: dict[str, np.ndarray]  # split -> [photos, dim]
+    features: dict[str, np.ndarray]
+    names: dict[str, np.ndarray]  # split -> product per photo
+    protos: dict[str, np.ndarray]
+    enrol: dict[str, np.ndarray]  # held-out product -> indices into train
+    tune: np.ndarray  # training photos of held-out products not used to enrol them
+
+
+def load_held_out(checkpoint: Path, data: Path) -> HeldOut:
+    model, ckpt = load_checkpoint(checkpoint)
+    held = holdout_products(ckpt["config"].get("holdout", ""))
+    if not held:
+        raise SystemExit(f"{checkpoint}: trained without --holdout; no new products")
+    spec = InputSpec.from_dict(ckpt["input"])
+    labels, train_split, val_split = read_layout(data)
+    to_input = lambda img: prepare(img, spec)  # noqa: E731
+    splits: dict[str, Split] = {
+        name: load_split(split, to_input, IngestReport(), {}, f"{name} photos")
+        for name, split in (("train", train_split), ("val", val_split),
+                            ("catalog", read_references(data, labels)))}
+    # trained embedding and unit pooled features of every photo, from one flip-averaged pass
+    model.feature_weight = 0.5
+    dim = model.prototypes().shape[1]
+    emb = {name: predict(FlipAveraged(model), s.images)["embedding"] * np.sqrt(2)
+           for name, s in splits.items()}
+    names = {k: np.array([labels.fine[f] for f in s.fine]) for k, s in splits.items()}
+    protos = dict(zip(ckpt["labels"]["fine"], model.prototypes().detach().numpy(), strict=True))
+    enrol = {sku: np.flatnonzero(names["train"] == sku)[:ENROL_PHOTOS] for sku in held}
+    tune = np.array([i for i, n in enumerate(names["train"])
+                     if n in held and i not in enrol[n]])
+    return HeldOut(checkpoint, ckpt, spec, list(labels.fine), held, list(protos),
+                   {k: v[:, :dim] for k, v in emb.items()},
+                   {k: v[:, dim:] for k, v in emb.items()}, names, protos, enrol, tune)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     args = p.parse_args()
-    model, ckpt = load_checkpoint(args.checkpoint)
-    held = holdout_products(ckpt["config"].get("holdout", ""))
-    if not held:
-        raise SystemExit(f"{args.checkpoint}: trained without --holdout; no new products")
-    spec = InputSpec.from_dict(ckpt["input"])
-    labels, train_split, val_split = read_layout(args.data)
-    to_input = lambda img: prepare(img, spec)  # noqa: E731
-    splits: dict[str, Split] = {
-        name: load_split(split, to_input, IngestReport(), {}, f"{name} photos")
-        for name, split in (("train", train_split), ("val", val_split),
-                            ("catalog", read_references(args.data, labels)))}
-
-    # trained embedding and unit pooled features of every photo, from one flip-averaged pass
-    model.feature_weight = 0.5
-    dim = model.prototypes().shape[1]
-    emb = {name: predict(FlipAveraged(model), s.images)["embedding"] * np.sqrt(2)
-           for name, s in splits.items()}
-    trained = {k: v[:, :dim] for k, v in emb.items()}
-    features = {k: v[:, dim:] for k, v in emb.items()}
-    names = {k: [labels.fine[f] for f in s.fine] for k, s in splits.items()}
-    protos = dict(zip(ckpt["labels"]["fine"], model.prototypes().detach().numpy(), strict=True))
-    known = list(protos)
-
-    train_names = np.array(names["train"])
+    h = load_held_out(args.checkpoint, args.data)
+    ckpt, spec, held, known = h.ckpt, h.spec, h.held, h.known
+    trained, features, protos, enrol, tune = h.trained, h.features, h.protos, h.enrol, h.tune
+    names = {k: list(v) for k, v in h.names.items()}
+    train_names = h.names["train"]
     means = {}
     for sku in known:
         m = features["train"][train_names == sku].mean(0)
         means[sku] = m / np.linalg.norm(m)
-    enrol = {sku: np.flatnonzero(train_names == sku)[:ENROL_PHOTOS] for sku in held}
-    tune = np.array([i for i, n in enumerate(names["train"])
-                     if n in held and i not in enrol[n]])
-    val_names = np.array(names["val"])
+    val_names = h.names["val"]
     val_new = np.isin(val_names, held)
 
     def refs(source: str, idx: list[int], w: float) -> tuple[list[str], np.ndarray]:
@@ -132,7 +158,7 @@ def main() -> None:
             f"{len(held)} products held out of training). Tuning photos: the "
             f"{len(tune)} training photos of held-out products not used to enrol them; each "
             f"held-out product enrolled from its first {ENROL_PHOTOS} training photos or its "
-            f"catalog photo, recognised among all {len(labels.fine)} products. Val columns "
+            f"catalog photo, recognised among all {len(h.fine)} products. Val columns "
             f"({int(val_new.sum())} new-product and {int((~val_new).sum())} known-product "
             f"photos) are for information only. FP32 with flip averaging.\n\n"
             + format_markdown_table(rows, COLUMNS)

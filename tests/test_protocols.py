@@ -39,3 +39,17 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     assert table.count("yes") == 1  # exactly one weight chosen
     for column in ("tune: 5 photos", "tune: catalog photo", "val: unknown AUROC"):
         assert column in result.stdout
+
+    # and what bench/new_products.py says about where the new products' photos go
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "new_products.py"), "--data", tmp_path / "data",
+         "--checkpoint", tmp_path / "runs" / "held-out" / "best.pt", "--no-docs"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    where = [ln.split() for ln in result.stdout.splitlines() if ln.startswith(("5 training",
+                                                                             "catalog photo"))]
+    assert len(where) == 4
+    for row in where:  # right + wrong to a trained product + wrong to another new one = 1
+        top1, to_known, to_new = map(float, row[-4:-1])
+        assert abs(top1 + to_known + to_new - 1) < 1e-6
+    assert "Calibrated stacking" in result.stdout
