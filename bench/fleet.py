@@ -366,7 +366,9 @@ def main() -> None:
             "SQLite, everything on this machine's cores at once. Each kiosk downloads the "
             "release over HTTP from `fleet.release.make_server`, checks size, sha256 and "
             "signature, unpacks and self-tests it (ONNX Runtime on its golden inputs) before "
-            "switching; the controller looks at the rollout every 2 s.\n\n"
+            "switching; the controller looks at the rollout every 2 s. Here all kiosks share "
+            "the same cores, so a release to all at once makes 100 self-tests compete for "
+            "them; on a real fleet each kiosk has its own.\n\n"
             + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, c, FORMATS)}"
                           for t, r, c in tables))
     write_section("fleet", "Fleet: 100 kiosks on loopback", body)
