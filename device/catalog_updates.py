@@ -27,7 +27,6 @@ own (scans keep flowing) and acked on the device's `ack` topic (`"command":
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from device.sync import Agent, Result, catalog_meta, group_topic
 from device.updates import (
     ReleaseRefused,
     download,
+    read_release,
     release_public_key,
     require_fields,
     unpack,
@@ -109,17 +109,13 @@ class CatalogUpdater:
     # --- the agent's thread --------------------------------------------------------------------
 
     def on_message(self, message: mqtt.MQTTMessage) -> None:
-        if not message.payload:
-            return  # the release was cleared
-        try:
-            release = json.loads(message.payload)
-            if not isinstance(release, dict):
-                raise ValueError("not a JSON object")
-            sha = str(release["sha256"])
-        except (ValueError, KeyError) as e:
+        release, problem = read_release(message)
+        if problem:
             self.agent._ack(None, RELEASE_COMMAND,
-                            Result(False, f"unreadable catalog release message ({e})"))
+                            Result(False, f"unreadable catalog release message ({problem})"))
+        if release is None:
             return
+        sha = release["sha256"]
         if sha in self._busy or sha in self._seen or sha == self.applied_sha:
             return
         self._busy.add(sha)

@@ -262,6 +262,21 @@ def self_test(bundle: Bundle, backend: str = "auto", precision: str = "int8") ->
     return f"self-test passed on {len(inputs)} golden inputs"
 
 
+def read_release(message: mqtt.MQTTMessage) -> tuple[dict | None, str | None]:
+    """A retained release message (model or catalog) as (release, None); (None, None) when it
+    was cleared (empty payload); (None, why) when it cannot be read. `sha256` is text."""
+    if not message.payload:
+        return None, None
+    try:
+        release = json.loads(message.payload)
+        if not isinstance(release, dict):
+            raise ValueError("not a JSON object")
+        release["sha256"] = str(release["sha256"])
+    except (ValueError, KeyError) as e:
+        return None, str(e)
+    return release, None
+
+
 class ModelUpdater:
     """Plugs into an Agent: the group's release topic and the `rollback` command."""
 
@@ -311,16 +326,12 @@ class ModelUpdater:
     # --- the agent's thread --------------------------------------------------------------------
 
     def on_message(self, message: mqtt.MQTTMessage) -> None:
-        if not message.payload:
-            return  # the release was cleared
-        try:
-            release = json.loads(message.payload)
-            if not isinstance(release, dict):
-                raise ValueError("not a JSON object")
-            sha = str(release["sha256"])
-        except (ValueError, KeyError) as e:
-            self._report(Result(False, f"unreadable release message ({e})"))
+        release, problem = read_release(message)
+        if problem:
+            self._report(Result(False, f"unreadable release message ({problem})"))
+        if release is None:
             return
+        sha = release["sha256"]
         if sha in self._busy or sha in self._seen:
             return
         if not self.targeted(release):
