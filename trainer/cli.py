@@ -109,6 +109,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--margin", type=float, default=TrainConfig.margin,
                    help="CosFace cosine margin of the product head (metric learning)")
+    p.add_argument("--scale", type=float, default=TrainConfig.scale,
+                   help="cosine-softmax scale (inverse temperature) of the product head")
     p.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
     p.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
                    help="share of CutMix batches")
