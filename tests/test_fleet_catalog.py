@@ -27,7 +27,7 @@ from device.sync import Agent, DeviceConfig, group_topic
 from fleet.release import keygen, load_private_key, make_catalog_release, pack, publish
 from tests.conftest import TrainedDemo, copy_catalog, storyscan
 from tests.test_fleet import FLEET, controller_settings, device_config, wait_for
-from tests.test_fleet_release import Acks, Env, release_env
+from tests.test_fleet_release import Acks, Env, _NoCamera, release_env
 
 COMMAND = "release-catalog"
 NEW = "VAS-100"
@@ -282,13 +282,6 @@ def test_a_failure_while_applying_leaves_the_catalog_as_it_was(
         assert catalog.product(gone) is None and catalog.product(NEW) is not None
     finally:
         agent.stop()
-
-
-class _NoCamera:
-    name = "none"
-
-    def status(self) -> dict:
-        return {}
 
 
 def test_in_the_kiosks_process_the_kiosk_embeds_and_matches_before_the_ack(
