@@ -30,6 +30,7 @@ from device.engines.ort import OrtEngine
 from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged
 from models.tables import format_markdown_table, format_table
+from trainer.config import TrainConfig
 from trainer.export import QuantOptions, calibration_subset, export_onnx, quantize_int8
 from trainer.ingest import IngestReport, load_split, read_layout
 from trainer.train import load_checkpoint
@@ -38,6 +39,9 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocer
 COLUMNS = ["variant", "calib photos", "agreement", "embedding cos", "top-1", "drop pp",
            "time vs FP32"]
 DEFAULT = QuantOptions()
+# training options that change the model, named in the report when not the defaults
+RECIPE = ("margin", "scale", "label_smoothing", "cutmix", "erasing", "ema", "probe_epochs",
+          "frozen_stages", "reference_views", "holdout")
 VARIANTS: list[tuple[str, QuantOptions, int]] = [
     ("default (minmax, uint8 act., per-channel)", DEFAULT, 256),
     ("percentile calibration", replace(DEFAULT, calibration="percentile"), 256),
@@ -46,6 +50,7 @@ VARIANTS: list[tuple[str, QuantOptions, int]] = [
     ("1024 calibration photos", DEFAULT, 1024),
     ("int8 symmetric activations", replace(DEFAULT, symmetric_activations=True), 256),
     ("per-tensor weights", replace(DEFAULT, per_channel=False), 256),
+    ("first 3 convs FP32", replace(DEFAULT, fp32_convs=3), 256),
     ("first 4 convs FP32", replace(DEFAULT, fp32_convs=4), 256),
     ("first 10 convs FP32", replace(DEFAULT, fp32_convs=10), 256),
     ("first 20 convs FP32", replace(DEFAULT, fp32_convs=20), 256),
@@ -115,8 +120,12 @@ def main() -> None:
                "time vs FP32": ".2f"}
     print(format_table(rows, COLUMNS, formats))
     arch, size = ckpt["config"]["arch"], spec.size
-    body = (f"{arch} at {size} px trained by `storyscan train` for {ckpt['epoch']} epochs "
-            f"(`{args.checkpoint}`), "
+    config = ckpt["config"]
+    recipe = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items()
+                       if k in RECIPE and v != getattr(TrainConfig, k))
+    body = (f"{arch} at {size} px trained by `storyscan train`"
+            + (f" with `{recipe}`" if recipe else "")
+            + f", epoch {ckpt['epoch']} of {config['epochs']} (`{args.checkpoint}`), "
             + ("with flip test-time augmentation as exported, " if args.flip else "")
             + f"every val photo ({len(val)}). Agreement is INT8-vs-FP32 "
             "top-1 product; `time vs FP32` is the median batch-1 ONNX Runtime CPU time over "
