@@ -266,6 +266,16 @@ def _add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--username", help="broker username (password: $STORYSCAN_BROKER_PASSWORD)")
 
 
+def _add_release_args(q: argparse.ArgumentParser) -> None:
+    """Where a release goes and who signs it: the same for model and catalog releases."""
+    q.add_argument("--group", required=True, help="the devices' group")
+    q.add_argument("--artifacts", required=True,
+                   help="folder the archives are served from (storyscan fleet serve)")
+    q.add_argument("--url-base", required=True,
+                   help="the artifacts folder's URL as devices reach it")
+    q.add_argument("--key", required=True, help="the release private key (fleet keygen)")
+
+
 def _add_db_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("STORYSCAN_FLEET_DB", DEFAULT_DB),
                    help="fleet database: a SQLite file or a postgresql:// URL (default: "
@@ -323,12 +333,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     q = fsub.add_parser("publish-model", help="sign a model bundle, put its archive in the "
                                               "artifacts folder, announce it to a group")
     q.add_argument("bundle", help="the bundle folder (storyscan export)")
-    q.add_argument("--group", required=True, help="the devices' group")
-    q.add_argument("--artifacts", required=True,
-                   help="folder the archives are served from (storyscan fleet serve)")
-    q.add_argument("--url-base", required=True,
-                   help="the artifacts folder's URL as devices reach it")
-    q.add_argument("--key", required=True, help="the release private key (fleet keygen)")
+    _add_release_args(q)
     q.add_argument("--canary", metavar="N%",
                    help="staged rollout: N%% of the group first (then 50%%, then all, unless "
                         "--waves says otherwise)")
@@ -354,12 +359,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="the release number: above the last catalog release's (devices "
                         "refuse an older or equal one)")
     q.add_argument("--remove", metavar="SKU,...", help="SKUs the devices delete")
-    q.add_argument("--group", required=True, help="the devices' group")
-    q.add_argument("--artifacts", required=True,
-                   help="folder the archives are served from (storyscan fleet serve)")
-    q.add_argument("--url-base", required=True,
-                   help="the artifacts folder's URL as devices reach it")
-    q.add_argument("--key", required=True, help="the release private key (fleet keygen)")
+    _add_release_args(q)
     _add_broker_args(q)
     q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the broker")
     q.set_defaults(func=cmd_publish_catalog)
