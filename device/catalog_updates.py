@@ -28,7 +28,6 @@ own (scans keep flowing) and acked on the device's `ack` topic (`"command":
 from __future__ import annotations
 
 import logging
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,9 +36,8 @@ from device.catalog import Catalog, CatalogError, Product
 from device.sync import Agent, Result, catalog_meta, group_topic
 from device.updates import (
     ReleaseRefused,
-    download,
+    fetched,
     read_release,
-    release_public_key,
     require_fields,
     unpack,
     verify_signature,
@@ -148,11 +146,8 @@ class CatalogUpdater:
             self._seen.add(sha)
             raise ReleaseRefused(f"version {version} is not newer than the applied "
                                  f"{self.applied}")
-        public = release_public_key(self.config)
-        archive = download(release["url"], sha, release["size"], self.staging, self.timeout_s)
-        stage = self.staging / f"{sha[:16]}.d"
-        shutil.rmtree(stage, ignore_errors=True)
-        try:
+        with fetched(release, self.config, self.staging, self.timeout_s) as (public, archive,
+                                                                               stage):
             manifest = verify_signature(public, release["signature"], unpack(archive, stage))
             products, remove = read_manifest(manifest, version, stage)
             catalog = Catalog(self.catalog)
@@ -160,9 +155,6 @@ class CatalogUpdater:
                 catalog_version = catalog.apply_release(version, products, remove, stage, sha)
             finally:
                 catalog.db.close()
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            archive.unlink(missing_ok=True)  # verified or refused: not to be resumed
         self.applied_sha, self.applied = sha, version
         photos = sum(len(p.images) for p in products)
         done = (f"catalog release {version} applied: {len(products)} products added or "

@@ -53,6 +53,7 @@ import tarfile
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -163,6 +164,23 @@ def download(url: str, sha: str, size: int, staging: Path, timeout_s: float) -> 
         part.unlink()
         raise ReleaseRefused("sha256 mismatch: the archive is not the one released")
     return part
+
+
+@contextlib.contextmanager
+def fetched(release: dict, config: DeviceConfig, staging: Path, timeout_s: float
+            ) -> Iterator[tuple[Ed25519PublicKey, Path, Path]]:
+    """(the operator's public key, the release's archive downloaded and checked, an empty
+    folder to unpack it in); on leaving, the folder and the archive are deleted: verified or
+    refused, the archive is not to be resumed."""
+    public = release_public_key(config)
+    archive = download(release["url"], release["sha256"], release["size"], staging, timeout_s)
+    stage = staging / f"{release['sha256'][:16]}.d"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        yield public, archive, stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        archive.unlink(missing_ok=True)
 
 
 def unpack(archive: Path, stage: Path) -> bytes:
@@ -390,15 +408,9 @@ class ModelUpdater:
             self._seen.add(sha)
             raise ReleaseRefused(f"version {version} is not newer than the running "
                                  f"{running}")
-        public = release_public_key(self.config)
-        archive = download(release["url"], sha, release["size"], self.staging, self.timeout_s)
-        stage = self.staging / f"{sha[:16]}.d"
-        shutil.rmtree(stage, ignore_errors=True)
-        try:
+        with fetched(release, self.config, self.staging, self.timeout_s) as (public, archive,
+                                                                               stage):
             final, checked = self._install(release, archive, stage, public)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            archive.unlink(missing_ok=True)  # verified or refused: not to be resumed
         with self._lock:
             try:
                 self._load_into_kiosk(final)
