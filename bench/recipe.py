@@ -40,8 +40,8 @@ COLUMNS = ["step", "change", "kept", "fine top-1", "coarse top-1", "Δ top-1 (pp
            "fastest epoch s"]
 
 # the seed recipe: every switch off (TrainConfig's defaults are the recipe this bench kept)
-SEED = {"margin": 0.0, "label_smoothing": 0.0, "cutmix": 0.0, "ema": 0.0, "probe_epochs": 0,
-        "reference_views": 0, "precision": "fp32", "frozen_stages": 0}
+SEED = {"margin": 0.0, "label_smoothing": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0,
+        "probe_epochs": 0, "reference_views": 0, "precision": "fp32", "frozen_stages": 0}
 SPEED_STEPS = {"bf16", "frozen"}  # judged by time at (nearly) equal accuracy
 # (name, description, changes on top of the recipe kept so far)
 STEPS: list[tuple[str, str, dict]] = [
@@ -52,6 +52,7 @@ STEPS: list[tuple[str, str, dict]] = [
     ("references", "catalog (iconic) photos as extra views, x4", {"reference_views": 4}),
     ("probe", "1 epoch heads-only probe before fine-tuning", {"probe_epochs": 1}),
     ("cutmix", "CutMix on half the batches", {"cutmix": 0.5}),
+    ("erasing", "random erasing on a quarter of the views", {"erasing": 0.25}),
     ("bf16", "bf16 autocast (FP32 master weights)", {"precision": "bf16"}),
     ("frozen", "stem and first 2 block stages frozen at ImageNet", {"frozen_stages": 3}),
     ("lite2", "EfficientNet-Lite2 backbone", {"arch": "efficientnet_lite2"}),

@@ -45,7 +45,11 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
     generate_demo(root / "data", products=12, train=20, val=5, scans=8, size=160, seed=7)
     t0 = time.time()
     best = train(TrainConfig(data=str(root / "data"), out=str(root / "run"), size=112,
-                             epochs=5, batch_size=24, lr=0.02, seed=0))
+                             epochs=5, batch_size=24, lr=0.02, seed=0,
+                             # random erasing is for real shop photos (hands, price tags; +4 pp
+                             # on Grocery); 5 epochs on occlusion-free synthetic products are
+                             # too few to absorb it. test_recipe.py covers the switch itself.
+                             erasing=0.0))
     seconds = time.time() - t0
     # 60 val photos: one INT8/FP32 disagreement is already 1.7%, so the gate is looser here.
     export(ExportConfig(checkpoint=str(best), data=str(root / "data"), out=str(root / "bundle"),

@@ -51,5 +51,5 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     assert len(where) == 4
     for row in where:  # right + wrong to a trained product + wrong to another new one = 1
         top1, to_known, to_new = map(float, row[-4:-1])
-        assert abs(top1 + to_known + to_new - 1) < 1e-6
+        assert abs(top1 + to_known + to_new - 1) <= 0.0015  # three values rounded to 0.001
     assert "Calibrated stacking" in result.stdout

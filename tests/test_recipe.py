@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.augment import random_erasing
 from trainer.config import TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import drop_products, read_layout, read_references
@@ -68,6 +69,18 @@ def test_cutmix_pastes_one_box_and_reports_the_share_kept() -> None:
         own = (mixed[i] == i).float().mean().item()
         assert own == pytest.approx(lam if partner[i] != i else 1.0, abs=1e-6)
     assert torch.equal(x[:, 0, 0, 0], torch.arange(4, dtype=torch.float32))  # input untouched
+
+
+def test_random_erasing_covers_one_box_and_leaves_the_photo_alone() -> None:
+    photo = np.full((100, 80, 3), 7, np.uint8)
+    for seed in range(20):
+        erased = random_erasing(photo, np.random.default_rng(seed))
+        changed = np.argwhere((erased != 7).any(axis=2))
+        (top, left), (bottom, right) = changed.min(0), changed.max(0) + 1
+        box = (bottom - top) * (right - left)
+        assert 0.02 * 8000 * 0.9 <= box <= 0.25 * 8000 * 1.1  # 2-25% of the photo
+        assert len(changed) >= 0.95 * box  # one solid box of noise, not scattered pixels
+    assert (photo == 7).all()  # the caller's photo is not touched
 
 
 def test_ema_moves_towards_the_model() -> None:

@@ -10,7 +10,14 @@ import argparse
 from dataclasses import fields
 
 from models.weights import WeightsError
-from trainer.config import ARCHS, FEATURE_WEIGHT, PRECISIONS, TrainConfig
+from trainer.config import (
+    ARCHS,
+    FEATURE_WEIGHT,
+    FP32_CONVS,
+    MIN_AGREEMENT,
+    PRECISIONS,
+    TrainConfig,
+)
 from trainer.errors import DataError, ExportError, TrainExtraMissing
 
 
@@ -158,14 +165,14 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--calibration-photos", type=int, default=256)
     p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"),
                    default="minmax")
-    p.add_argument("--fp32-convs", type=int, default=0,
+    p.add_argument("--fp32-convs", type=int, default=FP32_CONVS,
                    help="keep the first N convolutions in FP32 (see docs/BENCHMARKS.md)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="do not average each photo with its mirror image (half the inference)")
     p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
                    help="share of the backbone's pooled features in the embedding the kiosk "
                         "matches (0: the trained embedding alone)")
-    p.add_argument("--min-agreement", type=float, default=0.99,
+    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
                    help="refuse below this INT8-vs-FP32 top-1 agreement on val")
     p.add_argument("--force", action="store_true", help="write the bundle even below it")
     p.add_argument("--tensorrt", choices=("onnx", "torch2trt"), default="onnx",

@@ -2,7 +2,8 @@
 
 INT8 is ONNX Runtime static quantisation in QDQ form: per-channel symmetric int8 weights and
 uint8 activations, which ONNX Runtime's CPU kernels run fastest and most faithfully (see
-bench/int8_fidelity.py). Only the backbone is quantised; the small heads stay FP32 so
+bench/int8_fidelity.py). Only the backbone is quantised, and not its first `fp32_convs`
+convolutions (the stem and first block, where INT8 error enters); the small heads stay FP32 so
 embeddings keep their precision. The calibration photos are training photos passed through the
 shared `prepare`, exactly as the kiosk will see them. The INT8 model must agree with FP32 on
 the validation photos (top-1 product) at least `min_agreement` of the time, or no bundle is
@@ -51,7 +52,7 @@ from device.matcher import Matcher
 from models.bundle import ATTRIBUTES, Bundle, logit, write_bundle
 from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged, Recognizer
-from trainer.config import FEATURE_WEIGHT
+from trainer.config import FEATURE_WEIGHT, FP32_CONVS, MIN_AGREEMENT
 from trainer.errors import ExportError
 from trainer.ingest import IngestReport, Split, drop_products, load_split, read_layout
 from trainer.metrics import evaluate_scores, micro_f1, multi_hot, threshold_at_tar
@@ -77,9 +78,9 @@ class ExportConfig:
     version: str = "1"
     calibration_photos: int = 256
     calibration: str = "minmax"
-    fp32_convs: int = 0
+    fp32_convs: int = FP32_CONVS
     flip: bool = True  # average each photo with its mirror image inside the model
-    min_agreement: float = 0.99
+    min_agreement: float = MIN_AGREEMENT
     force: bool = False
     feature_weight: float = FEATURE_WEIGHT
     tensorrt: str = "onnx"  # or torch2trt: also ship a TensorRT engine converted here
@@ -118,7 +119,7 @@ class QuantOptions:
     # kernels (bench/int8_fidelity.py); symmetric int8 is the form TensorRT needs
     symmetric_activations: bool = False
     per_channel: bool = True  # one weight scale per output channel
-    fp32_convs: int = 0  # leading convolutions kept in FP32 (where quantisation hurts most)
+    fp32_convs: int = FP32_CONVS  # leading convolutions kept in FP32 (where INT8 hurts most)
     # depthwise convolutions kept in FP32 (one filter per channel meets one activation scale
     # for all channels); measured worse than all-INT8 by bench/int8_fidelity.py, not exported
     fp32_depthwise: bool = False
