@@ -78,6 +78,14 @@ def time_ratio(engine: OrtEngine, reference: OrtEngine, inputs: list[np.ndarray]
     return float(np.median(mine) / np.median(theirs))
 
 
+def against(out: dict[str, np.ndarray], ref: dict[str, np.ndarray], y: np.ndarray) -> dict:
+    """Agreement, embedding cosine, top-1 and drop of `out` against the FP32 outputs `ref`."""
+    top1 = float(np.mean(out["fine"].argmax(1) == y))
+    return {"agreement": float(np.mean(out["fine"].argmax(1) == ref["fine"].argmax(1))),
+            "embedding cos": float(np.mean(np.sum(out["embedding"] * ref["embedding"], 1))),
+            "top-1": top1, "drop pp": (float(np.mean(ref["fine"].argmax(1) == y)) - top1) * 100}
+
+
 def noise_floor(reference: OrtEngine, images: list[np.ndarray], spec: InputSpec,
                 ref: dict[str, np.ndarray], y: np.ndarray) -> list[dict]:
     """FP32 against itself on imperceptibly changed inputs: shifted one pixel to the left
@@ -93,13 +101,8 @@ def noise_floor(reference: OrtEngine, images: list[np.ndarray], spec: InputSpec,
     rows = []
     for name, change in changes.items():
         out = infer_all(reference, [change(x) for x in images])
-        top1 = float(np.mean(out["fine"].argmax(1) == y))
-        rows.append({
-            "variant": name, "calib photos": None,
-            "agreement": float(np.mean(out["fine"].argmax(1) == ref["fine"].argmax(1))),
-            "embedding cos": float(np.mean(np.sum(out["embedding"] * ref["embedding"], 1))),
-            "top-1": top1, "drop pp": (float(np.mean(ref["fine"].argmax(1) == y)) - top1) * 100,
-            "time vs FP32": None})
+        rows.append({"variant": name, "calib photos": None, **against(out, ref, y),
+                     "time vs FP32": None})
         print(format_table(rows[-1:], COLUMNS), flush=True)
     return rows
 
@@ -139,13 +142,9 @@ def main() -> None:
             quantize_int8(fp32, int8, pools[count].images, options)
             engine = OrtEngine(int8, "int8")
             out = infer_all(engine, val.images)
-            top1 = float(np.mean(out["fine"].argmax(1) == y))
-            rows.append({
-                "variant": name, "calib photos": len(pools[count]),
-                "agreement": float(np.mean(out["fine"].argmax(1) == ref["fine"].argmax(1))),
-                "embedding cos": float(np.mean(np.sum(out["embedding"] * ref["embedding"], 1))),
-                "top-1": top1, "drop pp": (ref_top1 - top1) * 100,
-                "time vs FP32": time_ratio(engine, reference, val.images)})
+            rows.append({"variant": name, "calib photos": len(pools[count]),
+                         **against(out, ref, y),
+                         "time vs FP32": time_ratio(engine, reference, val.images)})
             print(format_table(rows[-1:], COLUMNS), flush=True)
 
     formats = {"agreement": ".1%", "embedding cos": ".4f", "top-1": ".1%", "drop pp": "+.1f",
