@@ -28,6 +28,21 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
         assert title in out
     assert "5 training photos" in out and "catalog (iconic) photo" in out
     assert "top-2 categories" in out and "64 of" in out
+    assert "all products, category prior" in out
+
+    # bench/matching.py compares checkpoints' search modes: here the same one twice, which
+    # must give the same numbers, row for row
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "matching.py"), "--data", tmp_path / "data",
+         "--out", tmp_path / "matching", "--no-docs"]
+        + ["--checkpoint", tmp_path / "runs" / "closed" / "best.pt"] * 2,
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [ln.split("best.pt", 1)[1].split()[:-1]  # all but the (timed) last column
+            for ln in result.stdout.splitlines() if "best.pt" in ln]
+    heads, searches = rows[:4], rows[4:]  # 2 precisions, then 5 searches, per checkpoint
+    assert len(searches) == 10
+    assert heads[:2] == heads[2:] and searches[:5] == searches[5:]
 
     # the held-out model it trained is what bench/feature_weight.py chooses the weight with
     result = subprocess.run(

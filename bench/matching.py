@@ -1,0 +1,66 @@
+"""How the kiosk matcher searches, compared on trained checkpoints (protocol 1, closed set).
+
+    python bench/matching.py --checkpoint runs/a/best.pt --checkpoint runs/b/best.pt
+
+Each checkpoint is exported as the kiosk gets it (INT8 bundle), its catalog holds every
+product with its reference photo, and every `val` photo is recognised: by the INT8 heads, by
+searching all products, only the top 1-3 categories, or all products with the category head's
+prior added (bench/protocols.py's `closed_set`, so the rows mean the same there and here).
+Checkpoints of one training run (e.g. its EMA and its raw weights) compare paired: same
+photos, same split. The table goes to stdout and to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.protocols import DEFAULT_DATA, Kiosk, closed_set
+from bench.report import write_section
+from models.tables import format_markdown_table, format_table
+from trainer.config import FEATURE_WEIGHT
+from trainer.export import ExportConfig, export
+from trainer.ingest import catalog_products, read_layout
+
+COLUMNS = ["checkpoint", "search", "top-1", "top-5", "match µs"]
+HEAD_COLUMNS = ["checkpoint", "precision", "fine top-1", "fine top-5", "coarse top-1",
+                "macro-F1", "INT8/FP32 agree"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, action="append", required=True)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-matching"))
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    args = p.parse_args()
+
+    labels, _, val = read_layout(args.data)
+    truth = [labels.fine[f] for f in val.fine]
+    products = catalog_products(args.data)
+    heads, search = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, checkpoint in enumerate(args.checkpoint):
+            bundle = export(ExportConfig(checkpoint=str(checkpoint), data=str(args.data),
+                                         out=str(args.out / f"bundle-{i}"), name=f"bench-{i}",
+                                         force=True, feature_weight=FEATURE_WEIGHT))
+            rows = closed_set(bundle, Kiosk(bundle, Path(tmp) / str(i), val.paths), truth,
+                              products)
+            heads += [{"checkpoint": str(checkpoint), **r} for r in rows["heads"]]
+            search += [{"checkpoint": str(checkpoint), **r} for r in rows["search"]]
+    print(format_table(heads, HEAD_COLUMNS))
+    print(format_table(search, COLUMNS))
+    if not args.no_docs:
+        write_section("matching", "Kiosk matcher search modes (closed set, INT8)",
+                      f"Every `val` photo ({len(truth)}), one at a time through the INT8 "
+                      "bundle, against a catalog of every product.\n\n"
+                      f"**Classifier heads**\n\n{format_markdown_table(heads, HEAD_COLUMNS)}"
+                      f"\n\n**Matcher**\n\n{format_markdown_table(search, COLUMNS)}")
+
+
+if __name__ == "__main__":
+    main()
