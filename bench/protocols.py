@@ -37,7 +37,7 @@ import numpy as np
 from bench.report import write_section
 from device.catalog import Catalog, Product
 from device.engines import open_engine
-from device.matcher import NO_CATEGORY, Matcher, hash_recall
+from device.matcher import Matcher, hash_recall
 from device.pipeline import Pipeline
 from models.bundle import Bundle
 from models.preprocess import load_image, prepare
@@ -104,25 +104,6 @@ def accuracy(scores: np.ndarray, products: list[str], truth: list[str]) -> tuple
             topk_accuracy(scores, labels, min(5, len(products))))
 
 
-def category_prior(matcher: Matcher, kiosk: Kiosk, truth: list[str], scale: float) -> dict:
-    """Every product searched, ranked by scale * cosine + log P(its category | photo): the
-    product head's and the category head's evidence multiplied, with no weight to tune. The
-    soft form of "search within the top category": a confident category head overrules a
-    near tie between products of two categories, an unsure one leaves the ranking be."""
-    t0 = time.perf_counter()
-    coarse = kiosk.coarse - kiosk.coarse.max(axis=1, keepdims=True)
-    log_p = coarse - np.log(np.exp(coarse).sum(axis=1, keepdims=True))
-    known = matcher.category != NO_CATEGORY
-    prior = np.where(known, log_p[:, np.where(known, matcher.category, 0)], 0.0)
-    ranked = np.argsort(-(scale * kiosk.scores(matcher) + prior), axis=1, kind="stable")[:, :5]
-    us = (time.perf_counter() - t0) / len(truth) * 1e6
-    picks = [[matcher.products[i] for i in row] for row in ranked]
-    return {"search": "all products, category prior",
-            "top-1": np.mean([p[0] == t for p, t in zip(picks, truth, strict=True)]),
-            "top-5": np.mean([t in p for p, t in zip(picks, truth, strict=True)]),
-            "match µs": us}
-
-
 def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Product]
                ) -> dict[str, list[dict]]:
     m = bundle.manifest["metrics"]
@@ -133,17 +114,16 @@ def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Pr
              for p in ("fp32", "int8")]
     matcher = kiosk.use_catalog("closed", products)
     search = []
-    for top_coarse in (0, 1, 2, 3):
+    for top_coarse, prior in ((0, False), (1, False), (2, False), (3, False), (0, True)):
         t0 = time.perf_counter()
-        picks = [[x.sku for x in matcher.match(e, 5, c, top_coarse)]
+        picks = [[x.sku for x in matcher.match(e, 5, c, top_coarse, prior)]
                  for e, c in zip(kiosk.embeddings, kiosk.coarse, strict=True)]
         us = (time.perf_counter() - t0) / len(picks) * 1e6
-        search.append({"search": "all products" if not top_coarse
-                       else f"top-{top_coarse} categories",
+        search.append({"search": "all products, category prior" if prior
+                       else f"top-{top_coarse} categories" if top_coarse else "all products",
                        "top-1": np.mean([p[:1] == [t] for p, t in zip(picks, truth, strict=True)]),
                        "top-5": np.mean([t in p for p, t in zip(picks, truth, strict=True)]),
                        "match µs": us})
-    search.append(category_prior(matcher, kiosk, truth, bundle.scale))
     refs = (list(matcher.products[i] for i in matcher.owner), matcher.vectors)
     hashing = []
     for candidates in (8, 16, 32, 64):

@@ -78,7 +78,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline.open(args.bundle, args.catalog, args.precision, args.engine,
                              args.threads, progress=not args.json, threshold=args.threshold,
-                             top_coarse=args.top_coarse, hash_candidates=args.hash_candidates)
+                             top_coarse=args.top_coarse, hash_candidates=args.hash_candidates,
+                             category_prior=args.category_prior)
     if not len(pipeline.matcher):
         raise CatalogError(f"{args.catalog}: no products to match against "
                            "(run 'storyscan catalog import' first)")
@@ -200,7 +201,8 @@ def cmd_kiosk(args: argparse.Namespace) -> int:
                                       "--agent with a device config naming paths.bundle)")
     pipeline = Pipeline.open(bundle, args.catalog, args.precision, args.engine,
                              args.threads, threshold=args.threshold,
-                             top_coarse=args.top_coarse, hash_candidates=args.hash_candidates)
+                             top_coarse=args.top_coarse, hash_candidates=args.hash_candidates,
+                             category_prior=args.category_prior)
     if not len(pipeline.matcher):
         raise CatalogError(f"{args.catalog}: no products to match against "
                            "(run 'storyscan catalog import' first)")
@@ -334,6 +336,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--top-coarse", type=whole_number, default=0, metavar="N",
                    help="search only products of the model's N likeliest categories "
                         "(default 0: all products)")
+    p.add_argument("--category-prior", action="store_true",
+                   help="rank products by similarity plus the category head's log-probability "
+                        "of their category (see bench/matching.py)")
     p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N",
                    help="shortlist N reference embeddings by their 4-bit codes before exact "
                         "matching, for very large catalogs (default 0: exact search)")
@@ -372,6 +377,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--threshold", type=float,
                    help="best similarity below which a scan is unknown (default: the bundle's)")
     p.add_argument("--top-coarse", type=whole_number, default=0, metavar="N")
+    p.add_argument("--category-prior", action="store_true")
     p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--max-scans", type=whole_number, help="stop after this many scans")

@@ -15,11 +15,18 @@ every reference whose bound could still place its product in the top k: the prod
 similarities returned are exactly the float search's. Only the softmax's sum over the products
 not returned uses their 7-bit cosines (about 1e-3 off), so confidences can be ~0.1% off.
 
-Two ways to search less than everything, both off by default:
+Two ways to use the model's category logits, both off by default:
 
-- hierarchy: given the model's category logits, only products of the `top_coarse` likeliest
-  categories are searched (a product whose category the model does not know always is), so a
-  vase is never confused with a plate that happens to share its colours;
+- hierarchy: only products of the `top_coarse` likeliest categories are searched (a product
+  whose category the model does not know always is), so a vase is never confused with a plate
+  that happens to share its colours;
+- category prior: every product is searched, ranked by scale * cosine + log P(its category):
+  the product and category heads' evidence multiplied, with no weight to tune. A confident
+  category head overrules a near tie across categories, an unsure one leaves the ranking be,
+  and the runners-up stay (bench/matching.py measures both against plain search).
+
+One way to search less than everything, off by default:
+
 - hashing, for very large catalogs: every reference also gets a 4-bit code (an eighth of the
   float bytes, ONNX Runtime's MatMulNBits); the `hash_candidates` references with the best
   4-bit cosines are shortlisted and only they are compared by exact cosine, and the softmax
@@ -307,19 +314,24 @@ class Matcher:
         return self._all_scores(query, searched)
 
     def match(self, embedding: np.ndarray, k: int = 5, coarse_logits: np.ndarray | None = None,
-              top_coarse: int = 0) -> list[Match]:
+              top_coarse: int = 0, category_prior: bool = False) -> list[Match]:
         """The k best products searched, best first. With the model's category logits and
-        `top_coarse` > 0, only products of the `top_coarse` likeliest categories are searched."""
+        `top_coarse` > 0, only products of the `top_coarse` likeliest categories are searched;
+        with `category_prior`, products rank by similarity + log P(category) / scale (a
+        Match's similarity stays its cosine, for the unknown check; its confidence is the
+        softmax of the ranking scores)."""
         if k < 1:
             return []
         searched = None
         if coarse_logits is not None and top_coarse > 0:
             searched = self.in_categories(np.argsort(-coarse_logits, kind="stable")[:top_coarse])
+        offset = (self.category_offsets(coarse_logits)
+                  if coarse_logits is not None and category_prior else None)
         query = _unit(embedding)
         if self._shortlister is not None:
             products, similarity = self._shortlisted(query, searched)
         elif self._bounded is not None:
-            return self._bounded_match(query, searched, k)
+            return self._bounded_match(query, searched, k, offset)
         else:
             similarity = self._all_scores(query, searched)
             products = self._every_product
@@ -328,13 +340,25 @@ class Matcher:
                 similarity = similarity[products]
         if not len(products):
             return []
-        top = _best_first(products, similarity, k)
-        logits = similarity - similarity[top[0]]  # <= 0: exp cannot overflow in float32
+        rank = similarity if offset is None else similarity + offset[products]
+        top = _best_first(products, rank, k)
+        logits = rank - rank[top[0]]  # <= 0: exp cannot overflow in float32
         logits *= np.float32(self.scale)
         np.exp(logits, out=logits)
         probs = (logits[top] / logits.sum(dtype=np.float64)).tolist()
         names = [self.products[p] for p in products[top].tolist()]
         return [Match(*m) for m in zip(names, similarity[top].tolist(), probs, strict=True)]
+
+    def category_offsets(self, coarse_logits: np.ndarray) -> np.ndarray:
+        """log P(each product's category | photo) / scale ([products] float32, <= 0): what
+        the category prior adds to a product's similarity. A product of a category the model
+        does not know gets the likeliest category's, as `top_coarse` always searches it."""
+        logits = np.asarray(coarse_logits, np.float64).reshape(-1)
+        log_p = logits - logits.max()
+        log_p -= np.log(np.exp(log_p).sum())
+        known = self.category != NO_CATEGORY
+        per_product = np.where(known, log_p[np.where(known, self.category, 0)], log_p.max())
+        return (per_product / self.scale).astype(np.float32)
 
     # --- the three searches --------------------------------------------------------------------
 
@@ -361,29 +385,38 @@ class Matcher:
                                 [: self.hash_candidates]])
         return self._exact_best(query, refs[np.isfinite(approx[refs])])
 
-    def _bounded_match(self, query: np.ndarray, searched: np.ndarray | None,
-                       k: int) -> list[Match]:
+    def _bounded_match(self, query: np.ndarray, searched: np.ndarray | None, k: int,
+                       offset: np.ndarray | None = None) -> list[Match]:
         """Exact top k from the 7-bit scan: the k likeliest products' references are re-ranked
-        exactly, which makes the k-th of their similarities a floor no product outside the top
-        k reaches; then every reference whose cosine bound reaches that floor is re-ranked too,
-        so no product that could place is left to its approximate score."""
+        exactly, which makes the k-th of their ranking scores (similarity + `offset`) a floor
+        no product outside the top k reaches; then every reference whose cosine bound reaches
+        that floor is re-ranked too, so no product that could place is left to its
+        approximate score."""
         approx, bound = self._bounded(query)
         if searched is not None:
             approx[~self._per_reference(searched)] = -np.inf
+        if offset is not None:  # rank by similarity + offset throughout; the bound is the same
+            approx += self._per_reference(offset)
         approx_best = approx if self._one_each else np.maximum.reduceat(approx, self._starts)
         likely = _at_least_top(approx_best, k)
         likely = likely[np.isfinite(approx_best[likely])]
         if not len(likely):
             return []
-        refs = self._references_of(likely)
-        products, similarity = self._exact_best(query, refs)
-        if len(products) >= k:  # else every product searched is already here, exactly
-            floor = np.partition(similarity, -k)[-k]
-            refs = np.union1d(refs, np.flatnonzero(approx >= floor - bound))
+
+        def exact(refs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             products, similarity = self._exact_best(query, refs)
-        top = _best_first(products, similarity, k)
+            rank = similarity if offset is None else similarity + offset[products]
+            return products, similarity, rank
+
+        refs = self._references_of(likely)
+        products, similarity, rank = exact(refs)
+        if len(products) >= k:  # else every product searched is already here, exactly
+            floor = np.partition(rank, -k)[-k]
+            refs = np.union1d(refs, np.flatnonzero(approx >= floor - bound))
+            products, similarity, rank = exact(refs)
+        top = _best_first(products, rank, k)
         # softmax over every product searched: exact for those returned, 7-bit for the rest
-        best = similarity[top].astype(np.float64)
+        best = rank[top].astype(np.float64)
         terms = approx_best - np.float32(best[0])
         terms *= np.float32(self.scale)
         np.exp(terms, out=terms)

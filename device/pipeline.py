@@ -50,16 +50,16 @@ class ScanResult:
 class Pipeline:
     def __init__(self, bundle: Bundle, engine: Engine, catalog: Catalog, progress: bool = False,
                  threshold: float | None = None, top_coarse: int = 0,
-                 hash_candidates: int = 0) -> None:
+                 hash_candidates: int = 0, category_prior: bool = False) -> None:
         """`threshold`: None uses the bundle's calibrated one (no unknown check if it has none),
-        0 or less turns the check off; `top_coarse`, `hash_candidates`: see Matcher.match and
-        Matcher (0: search every product exactly)."""
+        0 or less turns the check off; `top_coarse`, `category_prior`, `hash_candidates`: see
+        Matcher.match and Matcher (0 / False: rank every product by its similarity alone)."""
         self.bundle, self.engine, self.catalog = bundle, engine, catalog
         self.spec = bundle.input_spec
         if threshold is None:
             threshold = bundle.unknown_threshold
         self.threshold = threshold if threshold is not None and threshold > 0 else None
-        self.top_coarse = top_coarse
+        self.top_coarse, self.category_prior = top_coarse, category_prior
         self.attribute_logit = logit(bundle.attribute_threshold)
         self.update_embeddings(progress)
         self.matcher = self._build_matcher(hash_candidates)
@@ -68,10 +68,10 @@ class Pipeline:
     def open(cls, bundle: str | Path, catalog: str | Path, precision: str = "int8",
              backend: str = "auto", threads: int = 0, progress: bool = False,
              threshold: float | None = None, top_coarse: int = 0,
-             hash_candidates: int = 0) -> Pipeline:
+             hash_candidates: int = 0, category_prior: bool = False) -> Pipeline:
         b = load_bundle(bundle)
         return cls(b, open_engine(b, backend, precision, threads), Catalog(catalog), progress,
-                   threshold, top_coarse, hash_candidates)
+                   threshold, top_coarse, hash_candidates, category_prior)
 
     def embed(self, images: list[np.ndarray], batch: int = 16) -> np.ndarray:
         """Embeddings of decoded RGB photos ([N, dim])."""
@@ -126,7 +126,8 @@ class Pipeline:
         out = self.engine.infer(x)
         t2 = time.perf_counter()
         matches = self.matcher.match(out["embedding"][0], k=6, coarse_logits=out["coarse"][0],
-                                     top_coarse=self.top_coarse)
+                                     top_coarse=self.top_coarse,
+                                     category_prior=self.category_prior)
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                    "match": (t3 - t2) * 1e3}

@@ -467,7 +467,8 @@ class ModelUpdater:
         def swap() -> str:
             pipeline = Pipeline.open(folder, old.catalog.path, precision=old.engine.precision,
                                      backend=self.backend, top_coarse=old.top_coarse,
-                                     hash_candidates=old.matcher.hash_candidates)
+                                     hash_candidates=old.matcher.hash_candidates,
+                                     category_prior=old.category_prior)
             kiosk.pipeline = pipeline
             return pipeline.bundle.key
 

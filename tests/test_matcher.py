@@ -152,6 +152,47 @@ def test_a_category_with_nothing_in_the_shop_matches_nothing(scan_from: int) -> 
     assert matcher.match(unit(1, 0), coarse_logits=np.array([0.0, 0.0, 5.0]), top_coarse=1) == []
 
 
+def test_a_confident_category_head_overrules_a_near_tie_across_categories(
+        scan_from: int) -> None:
+    matcher = shop(scan_from)
+    query = unit(1, 0.05, 0.1)  # plate-a 0.994, vase-a 0.965: a near tie
+    says_vase = np.array([0.0, 3.0])
+    matches = matcher.match(query, k=5, coarse_logits=says_vase, category_prior=True)
+    assert [m.sku for m in matches][:2] == ["vase-a", "plate-a"]  # nothing is left out
+    assert len(matches) == 5 and sum(m.confidence for m in matches) == pytest.approx(1.0)
+    plain = {m.sku: m.similarity for m in matcher.match(query, k=5)}
+    # similarities stay cosines (the unknown check reads them); the ranking adds log P / scale
+    assert {m.sku: m.similarity for m in matches} == pytest.approx(plain)
+    log_p = says_vase - np.log(np.exp(says_vase).sum())
+    assert matcher.category_offsets(says_vase) == pytest.approx(
+        [log_p[1], log_p[0], log_p[0], log_p[1], log_p[1]] / np.float32(SCALE))
+    # the lamp (a category the model does not know) counts as in the likeliest one
+
+
+def test_an_unsure_category_head_leaves_the_ranking_be(scan_from: int) -> None:
+    matcher = shop(scan_from)
+    query = unit(1, 0.05, 0.1)
+    unsure = np.array([1.0, 1.0])
+    assert ([m.sku for m in matcher.match(query, k=5, coarse_logits=unsure,
+                                          category_prior=True)]
+            == [m.sku for m in matcher.match(query, k=5)])
+
+
+def test_the_category_prior_is_the_same_in_every_search() -> None:
+    """Float search, the 7-bit scan and a shortlist of every reference rank alike."""
+    skus, vectors, queries = clustered_catalog(products=600, refs=2, queries=10)
+    categories = {s: int(s[1:]) % 5 for s in skus}
+    searches = [Matcher(skus, vectors, SCALE, categories),
+                Matcher(skus, vectors, SCALE, categories, scan_from=1),
+                Matcher(skus, vectors, SCALE, categories, hash_candidates=len(skus))]
+    logits = np.random.default_rng(4).normal(scale=2.0, size=(len(queries), 5))
+    for query, coarse in zip(queries, logits, strict=True):
+        got = [m.match(query, 6, coarse, category_prior=True) for m in searches]
+        assert [m.sku for m in got[0]] != [m.sku for m in searches[0].match(query, 6)]
+        for other in got[1:]:
+            assert_same(other, [(m.sku, m.similarity, m.confidence) for m in got[0]])
+
+
 # --- binary hash codes for very large catalogs --------------------------------------------------
 
 

@@ -182,6 +182,29 @@ def test_searching_the_top_category_keeps_right_answers_and_other_categories_out
 
 
 @pytest.mark.slow
+def test_the_category_prior_keeps_every_product_searched_and_answers_right(
+        trained_demo: TrainedDemo) -> None:
+    from device.pipeline import Pipeline
+    from models.preprocess import load_image
+
+    plain = Pipeline.open(trained_demo.bundle, trained_demo.catalog, threshold=0)
+    prior = Pipeline.open(trained_demo.bundle, trained_demo.catalog, threshold=0,
+                          category_prior=True)
+    category = dict(zip(plain.bundle.fine_labels, plain.bundle.coarse_of_fine, strict=True))
+    right = 0
+    for photo in scans(trained_demo, *plain.bundle.fine_labels):
+        image = load_image(photo)
+        a, b = plain.recognize(image), prior.recognize(image)
+        found = [b.sku, *(m.sku for m in b.alternatives)]
+        assert len(found) == 6 and len({category[s] for s in found}) > 1  # none left out
+        same = {m.sku: m.similarity for m in [*a.alternatives, *b.alternatives]} | {
+            a.sku: a.similarity}
+        assert b.similarity == pytest.approx(same.get(b.sku, b.similarity))  # still a cosine
+        right += b.sku == photo.parent.name
+    assert right >= 0.9 * 96
+
+
+@pytest.mark.slow
 def test_enrolled_products_join_their_catalog_category_by_name(trained_demo: TrainedDemo,
                                                               tmp_path: Path) -> None:
     """A new vase is searched with the vases whatever it looks like; a lamp, a category the
