@@ -19,11 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.protocols import DEFAULT_DATA, Kiosk, closed_set
+from bench.protocols import DEFAULT_DATA, Kiosk, closed_set, train_and_export
 from bench.report import write_section
 from models.tables import format_markdown_table, format_table
-from trainer.config import FEATURE_WEIGHT
-from trainer.export import ExportConfig, export
+from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.ingest import catalog_products, read_layout
 
 COLUMNS = ["checkpoint", "search", "top-1", "top-5", "match µs"]
@@ -45,9 +44,8 @@ def main() -> None:
     heads, search = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, checkpoint in enumerate(args.checkpoint):
-            bundle = export(ExportConfig(checkpoint=str(checkpoint), data=str(args.data),
-                                         out=str(args.out / f"bundle-{i}"), name=f"bench-{i}",
-                                         force=True, feature_weight=FEATURE_WEIGHT))
+            bundle, _ = train_and_export(TrainConfig(data=str(args.data)), checkpoint,
+                                         args.out, f"bundle-{i}", FEATURE_WEIGHT)
             rows = closed_set(bundle, Kiosk(bundle, Path(tmp) / str(i), val.paths), truth,
                               products)
             heads += [{"checkpoint": str(checkpoint), **r} for r in rows["heads"]]

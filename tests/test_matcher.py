@@ -158,15 +158,17 @@ def test_a_confident_category_head_overrules_a_near_tie_across_categories(
     query = unit(1, 0.05, 0.1)  # plate-a 0.994, vase-a 0.965: a near tie
     says_vase = np.array([0.0, 3.0])
     matches = matcher.match(query, k=5, coarse_logits=says_vase, category_prior=True)
-    assert [m.sku for m in matches][:2] == ["vase-a", "plate-a"]  # nothing is left out
+    assert [m.sku for m in matches][:2] == ["vase-a", "plate-a"]
+    # nothing is left out, and the confidences are a softmax over every product
     assert len(matches) == 5 and sum(m.confidence for m in matches) == pytest.approx(1.0)
     plain = {m.sku: m.similarity for m in matcher.match(query, k=5)}
     # similarities stay cosines (the unknown check reads them); the ranking adds log P / scale
     assert {m.sku: m.similarity for m in matches} == pytest.approx(plain)
+    # lamp, plate-a, plate-b, vase-a, vase-b: the lamp (a category the model does not know)
+    # counts as in the likeliest one
     log_p = says_vase - np.log(np.exp(says_vase).sum())
     assert matcher.category_offsets(says_vase) == pytest.approx(
         [log_p[1], log_p[0], log_p[0], log_p[1], log_p[1]] / np.float32(SCALE))
-    # the lamp (a category the model does not know) counts as in the likeliest one
 
 
 def test_an_unsure_category_head_leaves_the_ranking_be(scan_from: int) -> None:
