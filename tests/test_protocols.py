@@ -68,3 +68,5 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
         top1, to_known, to_new = map(float, row[-4:-1])
         assert abs(top1 + to_known + to_new - 1) <= 0.0015  # three values rounded to 0.001
     assert "Calibrated stacking" in result.stdout
+    per_product = result.stdout.split("against val photos")[1]
+    assert per_product.count("\n") >= 3  # header, rule and at least one held-out product
