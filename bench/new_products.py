@@ -47,6 +47,7 @@ STACKING = ["trained-product penalty", "tune: new from 5 photos", "tune: new fro
             "val: known (catalog-photo catalog)"]
 PER_PRODUCT = ["product", "tune photos", "tune top-1", "val photos", "val top-1",
                "val - tune (pp)"]
+FORMATS = {"val - tune (pp)": "+.0f"}
 
 
 def references(h: HeldOut, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,7 +137,7 @@ def main() -> None:
               ("3. Per new product, enrolled from 5 training photos: other training photos "
                "against val photos", per_product, PER_PRODUCT)]
     for title, rows, cols in tables:
-        print(f"\n{title}\n{format_table(rows, cols)}")
+        print(f"\n{title}\n{format_table(rows, cols, FORMATS)}")
     if args.no_docs:
         return
     c = h.ckpt["config"]
@@ -146,7 +147,8 @@ def main() -> None:
             "training photos of held-out products not used to enrol them; val: the "
             f"{int(val_new.sum())} val photos of held-out products (and, for the known column, "
             f"the {int((~val_new).sum())} of trained ones).\n\n"
-            + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, cl)}" for t, r, cl in tables))
+            + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, cl, FORMATS)}"
+                            for t, r, cl in tables))
     write_section("new-products", "New products: where their photos go", body)
 
 
