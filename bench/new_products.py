@@ -88,13 +88,14 @@ def main() -> None:
             "val": (h.trained["val"][val_new], h.names["val"][val_new])}
     known_val = (h.trained["val"][~val_new], h.names["val"][~val_new])
 
-    where = []
+    where, right = [], {}  # right: (source, split) -> which photos top-1 names right
     for source, label in (("photos", "5 training photos"), ("catalog", "catalog photo")):
         skus, vectors, _ = references(h, source)
         new_only = ~np.isin(skus, h.known)
         for split, (queries, truth) in sets.items():
             pick = best_product(skus, vectors, queries)
             wrong = pick != truth
+            right[source, split] = ~wrong
             to_known = np.isin(pick, h.known)
             only = best_product(skus[new_only], vectors[new_only], queries)
             where.append({"enrolled from": f"{label} ({split})", "photos": len(truth),
@@ -115,9 +116,6 @@ def main() -> None:
                 row["val: known (catalog-photo catalog)"] = float(np.mean(pick == known_val[1]))
         stacking.append(row)
 
-    skus, vectors, _ = references(h, "photos")
-    right = {split: best_product(skus, vectors, queries) == truth
-             for split, (queries, truth) in sets.items()}
     per_product = []
     for sku in h.held:
         row: dict = {"product": sku}
@@ -125,7 +123,7 @@ def main() -> None:
             mine = truth == sku
             row[f"{split} photos"] = int(mine.sum())
             if mine.any():  # blank in the table otherwise
-                row[f"{split} top-1"] = float(right[split][mine].mean())
+                row[f"{split} top-1"] = float(right["photos", split][mine].mean())
         if "val top-1" in row and "tune top-1" in row:
             row["val - tune (pp)"] = 100 * (row["val top-1"] - row["tune top-1"])
         per_product.append(row)
