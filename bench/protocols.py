@@ -46,11 +46,11 @@ from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.export import ExportConfig, export
 from trainer.ingest import catalog_products, read_layout
 from trainer.metrics import auroc, far_at_tar
-from trainer.train import train
+from trainer.train import holdout_products, train
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"
 ENROL_PHOTOS = 5
-NOT_TRAINING_OPTIONS = {"data", "out", "holdout", "resume", "device"}
+NOT_TRAINING_OPTIONS = {"data", "out", "holdout", "resume", "device", "threads", "loader_threads"}
 
 
 def held_out_products(fine: list[str], every: int) -> list[str]:
@@ -72,6 +72,13 @@ def train_and_export(cfg: TrainConfig, checkpoint: Path | None, out: Path, name:
     bundle = export(ExportConfig(checkpoint=str(best), data=cfg.data, out=str(out / name),
                                  name=name, force=True, feature_weight=feature_weight))
     return bundle, minutes
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's dict: its TrainConfig, epoch, history (read without unpickling code)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Kiosk:
@@ -152,6 +159,9 @@ def main() -> None:
     p.add_argument("--held-out-checkpoint", type=Path, help="reuse: trained without held-out")
     p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
                    help="export option: share of backbone features in the matched embedding")
+    p.add_argument("--trained-on", help="where reused checkpoints were trained (for the docs)")
+    p.add_argument("--section", default="protocols",
+                   help="section of docs/BENCHMARKS.md to write (e.g. one per training machine)")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     for f in fields(TrainConfig):
         if f.name not in NOT_TRAINING_OPTIONS and f.default is not MISSING:
@@ -163,6 +173,20 @@ def main() -> None:
 
     labels, train_split, val = read_layout(args.data)
     held = held_out_products(labels.fine, args.holdout_every)
+    reused = []  # which epoch of its schedule each reused checkpoint is
+    if args.closed_checkpoint:
+        ckpt = read_checkpoint(args.closed_checkpoint)
+        reused.append(f"epoch {ckpt['epoch']} of {ckpt['config']['epochs']} (all products)")
+        # the docs name the recipe the checkpoint was trained with
+        recipe = {k: v for k, v in ckpt["config"].items() if k in recipe}
+    if args.held_out_checkpoint:
+        ckpt = read_checkpoint(args.held_out_checkpoint)
+        reused.append(f"epoch {ckpt['epoch']} of {ckpt['config']['epochs']} (held-out products "
+                      "left out)")
+        if holdout_products(ckpt["config"]["holdout"]) != held:
+            raise SystemExit(f"{args.held_out_checkpoint} held out "
+                             f"{ckpt['config']['holdout'] or 'nothing'}, not this protocol's "
+                             f"{','.join(held)}")
     truth = [labels.fine[f] for f in val.fine]
     products = catalog_products(args.data)
     by_sku = {pr.sku: pr for pr in products}
@@ -241,10 +265,13 @@ def main() -> None:
                            if m is not None)
     body = (f"Recipe: {recipe_text or 'defaults'}"
             + (f"; training took {minutes}" if minutes else "")
+            + (f", on {args.trained_on}" if args.trained_on else "")
+            + (f"; checkpoints used: {' and '.join(reused)}" if reused else "")
             + f". Held out: {', '.join(held)}.\n\n"
             + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, c)}" for t, r, c in tables))
-    write_section("protocols", "Recognition protocols: closed set, new products, unknown items",
-                  body)
+    title = "Recognition protocols: closed set, new products, unknown items"
+    write_section(args.section, title + (f" ({args.section})" if args.section != "protocols"
+                                         else ""), body)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,39 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     assert "top-2 categories" in out and "64 of" in out
     assert out.count("all products, category prior") == 3  # closed set, both enrolments
 
+    # checkpoints trained elsewhere (a GPU box) are reused: the same tables come out; a
+    # "held-out" checkpoint that held out other products is refused in one line
+    runs = tmp_path / "runs"
+    reuse = [sys.executable, str(ROOT / "bench" / "protocols.py"), "--data", tmp_path / "data",
+             "--out", tmp_path / "reuse", "--no-docs", "--closed-checkpoint",
+             runs / "closed" / "best.pt", "--held-out-checkpoint"]
+    again = subprocess.run([*reuse, runs / "held-out" / "best.pt"], capture_output=True,
+                           text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    def heads(text: str) -> str:
+        return text.split("1. Closed set: classifier heads")[1].split("kiosk matcher")[0]
+
+    assert heads(again.stdout) == heads(out)
+    wrong = subprocess.run([*reuse, runs / "closed" / "best.pt"], capture_output=True,
+                           text=True, timeout=600, cwd=ROOT)
+    assert wrong.returncode != 0 and "held out nothing, not this protocol's" in wrong.stderr
+
     # bench/matching.py compares checkpoints' search modes: here the same one twice, which
     # must give the same numbers, row for row
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "matching.py"), "--data", tmp_path / "data",
-         "--out", tmp_path / "matching", "--no-docs"]
+         "--out", tmp_path / "matching", "--no-docs", "--training-photos"]
         + ["--checkpoint", tmp_path / "runs" / "closed" / "best.pt"] * 2,
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [ln.split("best.pt", 1)[1].split()[:-1]  # all but the (timed) last column
             for ln in result.stdout.splitlines() if "best.pt" in ln]
-    heads, searches = rows[:4], rows[4:]  # 2 precisions, then 5 searches, per checkpoint
-    assert len(searches) == 10
-    assert heads[:2] == heads[2:] and searches[:5] == searches[5:]
+    # 2 precisions per checkpoint, then per checkpoint 5 searches of the shipped catalog and
+    # 5 of the one with every training photo enrolled
+    heads, searches = rows[:4], rows[4:]
+    assert len(searches) == 20
+    assert sum("training" in r for r in searches) == 10
+    assert heads[:2] == heads[2:] and searches[:10] == searches[10:]
 
     # the held-out model it trained is what bench/feature_weight.py chooses the weight with
     result = subprocess.run(
@@ -73,3 +93,18 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     assert full  # held-out products with photos in both splits, below the header and rule
     for _, _, tune, _, val, gap in full:  # the gap is val minus tune, in whole pp
         assert abs(100 * (float(val) - float(tune)) - float(gap)) <= 0.6
+
+    # bench/enrolment_views.py: each enrolment photo adds its 3 centre crops as references
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "enrolment_views.py"), "--data", tmp_path / "data",
+         "--checkpoint", tmp_path / "runs" / "held-out" / "best.pt", "--out",
+         tmp_path / "views", "--no-docs"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = [ln.split("best.pt", 1)[1] for ln in result.stdout.splitlines() if "best.pt" in ln]
+    assert len(table) == 4  # 2 sources x (as is, + crops)
+    # references per product (catalog photo, then 5 training photos), as is and with crops
+    assert [float(row.split()[-5]) for row in table] == [1, 4, 5, 20]
+    for row in table:  # all val photos' top-1 lies between the new and the known ones'
+        new, known, every = map(float, row.split()[-3:])
+        assert min(new, known) - 1e-3 <= every <= max(new, known) + 1e-3

@@ -198,3 +198,16 @@ def test_train_speed_bench_prints_every_variant() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     for variant in ("FP32, contiguous (before)", "channels-last + bf16 + 3 stages frozen"):
         assert variant in result.stdout
+
+
+def test_loader_threads_do_not_change_the_trained_model(tiny: Path, tmp_path: Path) -> None:
+    """Views are made on threads, a batch ahead; each draws from its own seed, so one thread
+    and three give the same run (a GPU box and a laptop train the same model)."""
+    weights = []
+    for threads in (1, 3):
+        train(TrainConfig(data=str(tiny), out=str(tmp_path / f"t{threads}"), size=64,
+                          epochs=1, batch_size=8, loader_threads=threads, threads=1,
+                          precision="fp32"))
+        weights.append(torch.load(tmp_path / f"t{threads}" / "last.pt",
+                                  weights_only=True)["train_model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

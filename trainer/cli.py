@@ -141,6 +141,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="comma-separated products left out of training entirely")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    p.add_argument("--loader-threads", type=int, default=0,
+                   help="threads making augmented training views (0 = one per core, at most 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.set_defaults(func=cmd_train)

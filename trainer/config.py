@@ -58,5 +58,6 @@ class TrainConfig:
     holdout: str = ""  # comma-separated products left out entirely (enrolment experiments)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = all cores
+    loader_threads: int = 0  # threads making training views; 0 = one per core, at most 8
     device: str = "auto"  # auto = cuda when a GPU is there, else cpu
     resume: bool = False

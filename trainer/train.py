@@ -8,7 +8,8 @@ cosine schedule after a short warm-up. A checkpoint is written each epoch (`last
 Speed, on the 2-core CPUs it must train on (bench/train_speed.py): the network runs
 channels-last, in bf16 autocast where the hardware has native bf16 (master weights and
 checkpoints stay FP32), and the backbone's first `frozen_stages` stages keep their ImageNet
-weights and statistics, so autograd skips their backward pass.
+weights and statistics, so autograd skips their backward pass. Augmented views are made on a
+thread pool a batch ahead (one thread cannot feed a GPU), each from its own seed.
 
 The product head is a cosine classifier, so its loss is a metric-learning loss (normalised
 softmax); `margin` turns it into CosFace, pulling each product's photos tighter around its
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -274,6 +276,16 @@ def train(cfg: TrainConfig) -> Path:
         start_epoch, best_top1, history = ckpt["epoch"], ckpt["best_top1"], ckpt["history"]
         print(f"resumed from {out / 'last.pt'} after epoch {start_epoch}")
 
+    # training views are made on `loader_threads` threads, a batch ahead of the step (OpenCV and
+    # numpy release the GIL): one thread cannot keep a GPU busy. Each view draws from its own
+    # seed, so a run gives the same views whatever the thread count.
+    loader = ThreadPoolExecutor(cfg.loader_threads or min(8, os.cpu_count() or 1))
+
+    def views(idx: np.ndarray) -> list[Future]:
+        seeds = rng.integers(0, 2**63, size=len(idx))
+        return [loader.submit(augment, pool.images[j], spec, np.random.default_rng(s),
+                              cfg.erasing) for j, s in zip(idx, seeds, strict=True)]
+
     def lr_at(step: int) -> float:
         if step < warmup:
             return cfg.lr * (step + 1) / warmup
@@ -286,14 +298,16 @@ def train(cfg: TrainConfig) -> Path:
         for m in [model.backbone] if probing else frozen:
             m.eval()
         t0, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(batches(len(pool), cfg.batch_size, rng), desc=f"epoch {epoch + 1}/"
-                   f"{cfg.epochs}", unit="batch", leave=False, disable=None)
+        order = batches(len(pool), cfg.batch_size, rng)
+        ahead = views(order[0])
+        bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=None)
         for i, idx in enumerate(bar):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step) * group["lr_mult"]
-            x = torch.from_numpy(np.stack([augment(pool.images[j], spec, rng, cfg.erasing)
-                                           for j in idx])).to(device).contiguous(
+            current, ahead = ahead, views(order[i + 1]) if i + 1 < len(order) else []
+            x = torch.from_numpy(np.stack([f.result() for f in current])).to(device).contiguous(
                 memory_format=torch.channels_last)
             mixed = cfg.cutmix and rng.random() < cfg.cutmix
             if mixed:
@@ -351,6 +365,7 @@ def train(cfg: TrainConfig) -> Path:
             best_top1 = top1
             save_checkpoint(out / "best.pt", {k: v for k, v in state.items() if k not in
                                               ("train_model", "optimizer", "rng", "torch_rng")})
+    loader.shutdown()
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     print(f"best val product top-1 {best_top1:.3f}: {out / 'best.pt'}")
     return out / "best.pt"
