@@ -46,15 +46,16 @@ COLUMNS = ["checkpoint", "enrolled from", "views", "references per product", "tu
            "val: new top-1", "val: known top-1", "val: all top-1"]
 
 
-def centre_crops(photo: str, zooms: tuple[float, ...], folder: Path) -> list[str]:
-    """PNG files (lossless) of centred crops of `photo`, `zoom` of its height and width."""
+def centre_crops(photo: str, zooms: tuple[float, ...], folder: Path, name: str) -> list[str]:
+    """PNG files (lossless) `folder/name-zoom.png` of centred crops of `photo`, each `zoom` of
+    its height and width."""
     img = load_image(photo)
     h, w = img.shape[:2]
     paths = []
     for zoom in zooms:
         ch, cw = round(h * zoom), round(w * zoom)
         top, left = (h - ch) // 2, (w - cw) // 2
-        path = folder / f"{len(list(folder.iterdir()))}-{zoom}.png"
+        path = folder / f"{name}-{zoom}.png"
         cv2.imwrite(str(path), cv2.cvtColor(img[top : top + ch, left : left + cw],
                                             cv2.COLOR_RGB2BGR))
         paths.append(str(path))
@@ -85,12 +86,12 @@ def measure(checkpoint: Path, data: Path, out: Path, name: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "crops").mkdir()
         tune_kiosk = Kiosk(bundle, work / "tune", [path for path, _ in tune])
         val_kiosk = Kiosk(bundle, work / "val", val.paths)
-        for source, images in sources.items():
-            crops = {sku: [c for photo in images[sku]
-                           for c in centre_crops(photo, ZOOMS, work / "crops")] for sku in held}
+        for k, (source, images) in enumerate(sources.items()):
+            crops = {sku: [c for j, photo in enumerate(images[sku])
+                           for c in centre_crops(photo, ZOOMS, work, f"{k}-{sku}-{j}")]
+                     for sku in held}
             for views, extra in (("photo as is", {}), (f"+ centre crops {ZOOMS}", crops)):
                 refs = {sku: images[sku] + extra.get(sku, []) for sku in held}
                 catalog = known + [replace(products[sku], images=refs[sku]) for sku in held]

@@ -51,6 +51,9 @@ def main() -> None:
     labels, train, val = read_layout(args.data)
     truth = [labels.fine[f] for f in val.fine]
     products = catalog_products(args.data)
+    photos = {pr.sku: [] for pr in products}  # training photos per product
+    for path, f in zip(train.paths, train.fine, strict=True):
+        photos[labels.fine[f]].append(str(path))
     heads, searches = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, checkpoint in enumerate(args.checkpoint):
@@ -62,9 +65,6 @@ def main() -> None:
             searches += [{"checkpoint": str(checkpoint), "references": SHIPPED, **r}
                          for r in rows["search"]]
             if args.training_photos:
-                photos = {pr.sku: [] for pr in products}
-                for path, f in zip(train.paths, train.fine, strict=True):
-                    photos[labels.fine[f]].append(str(path))
                 matcher = kiosk.use_catalog("training", [
                     replace(pr, images=pr.images + photos[pr.sku]) for pr in products])
                 for how in SEARCHES:
