@@ -211,3 +211,8 @@ def test_loader_threads_do_not_change_the_trained_model(tiny: Path, tmp_path: Pa
         weights.append(torch.load(tmp_path / f"t{threads}" / "last.pt",
                                   weights_only=True)["train_model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_negative_loader_threads_are_refused_in_one_line(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--loader-threads -1: use 0"):
+        train(TrainConfig(data=str(tiny), out=str(tmp_path / "run"), loader_threads=-1))

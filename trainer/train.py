@@ -206,6 +206,8 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    if cfg.loader_threads < 0:
+        raise DataError(f"--loader-threads {cfg.loader_threads}: use 0 (one per core) or more")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = input_spec(cfg.arch, cfg.size)
