@@ -44,7 +44,7 @@ from models.preprocess import load_image, prepare
 from models.tables import format_markdown_table, format_table
 from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.export import ExportConfig, export
-from trainer.ingest import catalog_products, read_layout
+from trainer.ingest import Labels, catalog_products, read_layout
 from trainer.metrics import auroc, far_at_tar
 from trainer.train import holdout_products, train
 
@@ -56,6 +56,16 @@ NOT_TRAINING_OPTIONS = {"data", "out", "holdout", "resume", "device", "threads",
 def held_out_products(fine: list[str], every: int) -> list[str]:
     """Every `every`-th product starting with the second (ids 1, 5, 9, ...: 20 of 81)."""
     return fine[1::every]
+
+
+def add_recipe_options(p: argparse.ArgumentParser, defaults: bool = True,
+                       skip: set[str] = frozenset()) -> None:
+    """`storyscan train`'s options that make the recipe (not where data and checkpoints go);
+    without `defaults` an option left out is absent from the parsed namespace."""
+    for f in fields(TrainConfig):
+        if f.name not in NOT_TRAINING_OPTIONS | skip and f.default is not MISSING:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
+                           default=f.default if defaults else argparse.SUPPRESS)
 
 
 def train_and_export(cfg: TrainConfig, checkpoint: Path | None, out: Path, name: str,
@@ -150,63 +160,34 @@ def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Pr
     return {"heads": heads, "search": searches, "hashing": hashing}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--out", type=Path, default=Path("runs/bench-protocols"))
-    p.add_argument("--holdout-every", type=int, default=4)
-    p.add_argument("--closed-checkpoint", type=Path, help="reuse: trained on every product")
-    p.add_argument("--held-out-checkpoint", type=Path, help="reuse: trained without held-out")
-    p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
-                   help="export option: share of backbone features in the matched embedding")
-    p.add_argument("--trained-on", help="where reused checkpoints were trained (for the docs)")
-    p.add_argument("--section", default="protocols",
-                   help="section of docs/BENCHMARKS.md to write (e.g. one per training machine)")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
-    for f in fields(TrainConfig):
-        if f.name not in NOT_TRAINING_OPTIONS and f.default is not MISSING:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                           default=f.default)
-    args = p.parse_args()
-    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-              if f.name not in NOT_TRAINING_OPTIONS and f.default is not MISSING}
+def catalog(data: Path, labels: Labels) -> list[Product]:
+    """The data's catalog products, which must be the trained ones."""
+    products = catalog_products(data)
+    if {pr.sku for pr in products} != set(labels.fine):
+        raise SystemExit(f"{data}: catalog products differ from the trained products")
+    return products
 
-    labels, train_split, val = read_layout(args.data)
-    held = held_out_products(labels.fine, args.holdout_every)
-    reused = []  # which epoch of its schedule each reused checkpoint is
-    if args.closed_checkpoint:
-        ckpt = read_checkpoint(args.closed_checkpoint)
-        reused.append(f"epoch {ckpt['epoch']} of {ckpt['config']['epochs']} (all products)")
-        # the docs name the recipe the checkpoint was trained with
-        recipe = {k: v for k, v in ckpt["config"].items() if k in recipe}
-    if args.held_out_checkpoint:
-        ckpt = read_checkpoint(args.held_out_checkpoint)
-        reused.append(f"epoch {ckpt['epoch']} of {ckpt['config']['epochs']} (held-out products "
-                      "left out)")
-        if holdout_products(ckpt["config"]["holdout"]) != held:
-            raise SystemExit(f"{args.held_out_checkpoint} held out "
-                             f"{ckpt['config']['holdout'] or 'nothing'}, not this protocol's "
-                             f"{','.join(held)}")
-    truth = [labels.fine[f] for f in val.fine]
-    products = catalog_products(args.data)
-    by_sku = {pr.sku: pr for pr in products}
-    if set(by_sku) != set(labels.fine):
-        raise SystemExit(f"{args.data}: catalog products differ from the trained products")
 
-    closed_bundle, closed_min = train_and_export(
-        TrainConfig(data=str(args.data), out=str(args.out / "closed"), **recipe),
-        args.closed_checkpoint, args.out, "closed-bundle", args.feature_weight)
-    held_bundle, held_min = train_and_export(
-        TrainConfig(data=str(args.data), out=str(args.out / "held-out"), holdout=",".join(held),
-                    **recipe), args.held_out_checkpoint, args.out, "held-out-bundle",
-        args.feature_weight)
-
+def measure(data: Path, closed_bundle: Bundle, held_bundle: Bundle, held: list[str]
+            ) -> dict:
+    """Every protocol's rows, on the kiosk's INT8 path: "closed" (heads, search and hashing
+    tables), then what `measure_held_out` gives."""
+    labels, _, val = read_layout(data)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        closed = closed_set(closed_bundle, Kiosk(closed_bundle, work / "c", val.paths), truth,
-                            products)
+        closed = closed_set(closed_bundle, Kiosk(closed_bundle, Path(tmp), val.paths),
+                            [labels.fine[f] for f in val.fine], catalog(data, labels))
+    return {"closed": closed, **measure_held_out(data, held_bundle, held)}
 
-        kiosk = Kiosk(held_bundle, work / "h", val.paths)
+
+def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
+    """Protocols 2 and 3 with a bundle trained without the `held` products: "new" (them
+    enrolled), "unknown" (them not enrolled) and "new photos" (how many val photos are theirs)."""
+    labels, train_split, val = read_layout(data)
+    truth = [labels.fine[f] for f in val.fine]
+    products = catalog(data, labels)
+    by_sku = {pr.sku: pr for pr in products}
+    with tempfile.TemporaryDirectory() as tmp:
+        kiosk = Kiosk(held_bundle, Path(tmp), val.paths)
         is_new = np.array([t in held for t in truth])
         known = [pr for pr in products if pr.sku not in held]
         # 3. unknown: the held-out products are not in the catalog at all
@@ -236,6 +217,55 @@ def main() -> None:
                                  "known top-1": top1[~is_new].mean(),
                                  "known top-5": top5[~is_new].mean()})
 
+    return {"new": new_rows, "unknown": unknown, "new photos": int(is_new.sum())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-protocols"))
+    p.add_argument("--holdout-every", type=int, default=4)
+    p.add_argument("--closed-checkpoint", type=Path, help="reuse: trained on every product")
+    p.add_argument("--held-out-checkpoint", type=Path, help="reuse: trained without held-out")
+    p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
+                   help="export option: share of backbone features in the matched embedding")
+    p.add_argument("--trained-on", help="where reused checkpoints were trained (for the docs)")
+    p.add_argument("--section", default="protocols",
+                   help="section of docs/BENCHMARKS.md to write (e.g. one per training machine)")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_recipe_options(p)
+    args = p.parse_args()
+    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if f.name not in NOT_TRAINING_OPTIONS and f.default is not MISSING}
+
+    labels = read_layout(args.data)[0]
+    catalog(args.data, labels)  # before hours of training
+    held = held_out_products(labels.fine, args.holdout_every)
+    reused = []  # which epoch of its schedule each reused checkpoint is
+    if args.closed_checkpoint:
+        ckpt = read_checkpoint(args.closed_checkpoint)
+        reused.append(f"epoch {ckpt['epoch']} of {ckpt['config']['epochs']} (all products)")
+        # the docs name the recipe the checkpoint was trained with
+        recipe = {k: v for k, v in ckpt["config"].items() if k in recipe}
+    if args.held_out_checkpoint:
+        ckpt = read_checkpoint(args.held_out_checkpoint)
+        reused.append(f"epoch {ckpt['epoch']} of {ckpt['config']['epochs']} (held-out products "
+                      "left out)")
+        if holdout_products(ckpt["config"]["holdout"]) != held:
+            raise SystemExit(f"{args.held_out_checkpoint} held out "
+                             f"{ckpt['config']['holdout'] or 'nothing'}, not this protocol's "
+                             f"{','.join(held)}")
+
+    closed_bundle, closed_min = train_and_export(
+        TrainConfig(data=str(args.data), out=str(args.out / "closed"), **recipe),
+        args.closed_checkpoint, args.out, "closed-bundle", args.feature_weight)
+    held_bundle, held_min = train_and_export(
+        TrainConfig(data=str(args.data), out=str(args.out / "held-out"), holdout=",".join(held),
+                    **recipe), args.held_out_checkpoint, args.out, "held-out-bundle",
+        args.feature_weight)
+
+    rows = measure(args.data, closed_bundle, held_bundle, held)
+    closed, new_rows, unknown = rows["closed"], rows["new"], rows["unknown"]
     recipe_text = ", ".join(f"{k}={v}" for k, v in recipe.items()
                             if getattr(TrainConfig, k, None) != v)
     if args.feature_weight != FEATURE_WEIGHT:
@@ -249,7 +279,7 @@ def main() -> None:
          ["search", "top-1", "top-5", "match µs"]),
         ("1. Closed set: hash (4-bit code) shortlist + float re-rank vs exact search",
          closed["hashing"], ["shortlist", "recall@1", "recall@5", "match µs"]),
-        (f"2. New products ({len(held)} held out of training, {int(is_new.sum())} val photos)",
+        (f"2. New products ({len(held)} held out of training, {rows['new photos']} val photos)",
          new_rows, ["enrolled from", "search", "new top-1", "new top-5", "known top-1",
                     "known top-5"]),
         ("3. Unknown items (held-out products not in the catalog)", unknown,

@@ -1,0 +1,245 @@
+"""Recipe arms over several seeds, on the kiosk's path: is a change bigger than its noise?
+
+    python bench/seeds.py --arm "shipped=" --arm "frozen 5=--frozen-stages 5" --seeds 0,1,2 \\
+        --arch efficientnet_lite2 --size 260 --epochs 12 --jobs 12
+
+On Grocery's 296 val photos the seed alone moves product top-1 by about 2 pp and new products
+enrolled from their catalog photo by about 16 pp (docs/BENCHMARKS.md, protocols-gpu and
+protocols-gpu-seed1), so one training per arm cannot tell a 1 pp change from luck. Each arm
+(`NAME=OPTIONS`, the options `storyscan train` takes, added to the common recipe) is trained
+once per seed on every product and once with bench/protocols.py's 20 products held out; each
+pair goes through that bench's three protocols (INT8 bundle, kiosk matcher). The arms are then
+compared as mean ± sd over the seeds and, seed by seed, as differences to the first arm (the
+same seed gives the heads the same start and the photos the same order).
+
+The last epoch is measured, never the epoch that was best on val. Trainings run `--jobs` at a
+time, each in its own process (a GPU trains several at once; on 2 CPU cores use 1), and so do
+the measurements, each on its own share of the cores. Finished trainings and measurements
+under --out are reused, so a run that stopped goes on where it was. What it costs: the H200
+trained the 12 efficientnet_lite2 260 px 12-epoch runs of the example in 4 min together
+(`--jobs 12`); measuring takes about 3 min per arm and seed on 2 cores (two INT8 exports, the
+kiosk's passes over val), also there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.protocols import (
+    DEFAULT_DATA,
+    NOT_TRAINING_OPTIONS,
+    add_recipe_options,
+    held_out_products,
+    measure,
+    read_checkpoint,
+)
+from bench.report import write_section
+from models.tables import format_markdown_table, format_table
+from trainer.config import TrainConfig
+from trainer.ingest import read_layout
+
+# what each run is judged on, read from bench/protocols.py's rows, and the issue's target
+METRICS = {
+    "fine top-1 INT8": (lambda r: r["closed"]["heads"][1]["fine top-1"], 0.90),
+    "coarse top-1 INT8": (lambda r: r["closed"]["heads"][1]["coarse top-1"], 0.95),
+    "INT8/FP32 agree": (lambda r: r["closed"]["heads"][1]["INT8/FP32 agree"], 0.995),
+    "kiosk matcher top-1": (lambda r: r["closed"]["search"][0]["top-1"], None),
+    "new, 5 photos": (lambda r: new_top1(r, "training photos"), 0.85),
+    "new, catalog photo": (lambda r: new_top1(r, "catalog"), 0.60),
+    "unknown AUROC": (lambda r: r["unknown"][0]["AUROC"], 0.90),
+}
+
+
+def new_top1(rows: dict, enrolled: str) -> float:
+    """New-product top-1 when enrolled from `enrolled`, searching all products."""
+    return next(r["new top-1"] for r in rows["new"]
+                if enrolled in r["enrolled from"] and r["search"] == "all products")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") or "arm"
+
+
+def parse_arm(text: str) -> tuple[str, dict]:
+    """`NAME=OPTIONS` -> (name, the TrainConfig fields the options set)."""
+    name, sep, options = text.partition("=")
+    if not sep or not name.strip():
+        raise SystemExit(f"--arm {text!r}: write NAME=OPTIONS, e.g. 'frozen 5=--frozen-stages 5'")
+    p = argparse.ArgumentParser(prog=f"--arm {name.strip()!r}")
+    add_recipe_options(p, defaults=False, skip={"seed"})
+    return name.strip(), vars(p.parse_args(shlex.split(options)))
+
+
+def options(changes: dict) -> str:
+    """An arm's changes as the `storyscan train` options that make them."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """Whether `cfg.out` holds this training, all epochs done; another training there is an
+    error (it would be measured as this arm)."""
+    last = Path(cfg.out) / "last.pt"
+    if not last.is_file():
+        return False
+    trained = read_checkpoint(last)
+    mine = {k: v for k, v in vars(cfg).items() if k not in ("out", "resume", "device", "threads",
+                                                           "loader_threads")}
+    other = {k: v for k, v in trained["config"].items() if k in mine and mine[k] != v}
+    if other:
+        raise SystemExit(f"{last} was trained with {other}, not this arm's recipe: remove it or "
+                         "use another --out")
+    return trained["epoch"] >= cfg.epochs
+
+
+def run_training(cfg: TrainConfig) -> None:
+    """One training, its progress in train.log beside its checkpoints (runs in a worker)."""
+    from trainer.train import train
+
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.out) / "train.log", "a") as log, redirect_stdout(log), \
+            redirect_stderr(log):
+        train(cfg)
+
+
+def run_protocols(data: Path, run: Path, held: list[str], cpus: list[int]) -> dict:
+    """Export both last epochs of one arm and seed and measure them (runs in a worker, on
+    `cpus`, so that workers do not slow each other down); the rows go to protocols.json."""
+    import torch
+
+    from trainer.export import ExportConfig, export
+
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
+    with open(run / "protocols.log", "a") as log, redirect_stdout(log), redirect_stderr(log):
+        bundles = [export(ExportConfig(checkpoint=str(run / which / "last.pt"), data=str(data),
+                                       out=str(run / f"{which}-bundle"), name=which,
+                                       force=True))
+                   for which in ("closed", "held-out")]
+        rows = measure(data, *bundles, held)
+    rows["train minutes"] = sum(h["seconds"] for h in json.loads(
+        (run / "closed" / "history.json").read_text())) / 60
+    (run / "protocols.json").write_text(json.dumps(rows, indent=1, default=float))
+    return rows
+
+
+def in_parallel(fn, calls: list[tuple], jobs: int, what: str) -> None:
+    """fn(*call) for each call, `jobs` processes at a time; the first failure stops the run."""
+    if not calls:
+        return
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *call) for call in calls]
+        for f in tqdm(futures, desc=what, unit="run"):
+            f.result()
+
+
+def cell(values: list[float], pp: bool = False) -> str:
+    """mean ± sample sd (pp: as percentage points, signed)."""
+    v = np.array(values) * (100 if pp else 1)
+    sd = f" ± {v.std(ddof=1):.{1 if pp else 3}f}" if len(v) > 1 else ""
+    return f"{v.mean():+.1f}{sd} pp" if pp else f"{v.mean():.3f}{sd}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arm", action="append", required=True, metavar="NAME=OPTIONS",
+                   help="a recipe arm: its name and the `storyscan train` options it changes "
+                        "(the first arm is the baseline; 'shipped=' changes nothing)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-seeds"))
+    p.add_argument("--jobs", type=int, default=1, help="trainings (and measurements) at a time")
+    p.add_argument("--holdout-every", type=int, default=4)
+    p.add_argument("--section", default="seeds", help="docs/BENCHMARKS.md section name")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_recipe_options(p, skip={"seed"})
+    args = p.parse_args()
+    arms = [parse_arm(a) for a in args.arm]
+    if len({slug(name) for name, _ in arms}) != len(arms):
+        raise SystemExit("--arm: give each arm its own name")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    jobs = max(1, args.jobs)
+    common = {k: v for k, v in vars(args).items()
+              if k in TrainConfig.__dataclass_fields__ and k not in NOT_TRAINING_OPTIONS}
+    labels = read_layout(args.data)[0]
+    held = held_out_products(labels.fine, args.holdout_every)
+    cores = sorted(os.sched_getaffinity(0))
+
+    runs = {(name, seed): args.out / slug(name) / f"seed{seed}" for name, _ in arms
+            for seed in seeds}
+    trainings = []
+    for name, changes in arms:
+        for seed in seeds:
+            for which, holdout in (("closed", ""), ("held-out", ",".join(held))):
+                cfg = TrainConfig(**{**common, **changes, "data": str(args.data), "seed": seed,
+                                     "holdout": holdout, "resume": True,
+                                     "out": str(runs[name, seed] / which)})
+                if jobs > 1:  # the machine's cores shared out; views still come ahead of steps
+                    share = max(1, len(cores) // jobs)
+                    cfg = replace(cfg, threads=share, loader_threads=max(2, share))
+                if not finished(cfg):
+                    trainings.append((cfg,))
+    in_parallel(run_training, trainings, jobs, "training")
+    todo = [run for run in runs.values() if not (run / "protocols.json").is_file()]
+    workers = max(1, min(jobs, len(todo)))
+    share = max(1, len(cores) // workers)
+    in_parallel(run_protocols, [(args.data, run, held, cores[i % workers * share:][:share])
+                                for i, run in enumerate(todo)], workers, "measuring")
+    results = {key: json.loads((run / "protocols.json").read_text())
+               for key, run in runs.items()}
+
+    base = arms[0][0]
+    compare = []
+    for metric, (read, target) in METRICS.items():
+        row = {"metric": metric, "target": target}
+        for name, _ in arms:
+            row[name] = cell([read(results[name, s]) for s in seeds])
+        for name, _ in arms[1:]:
+            row[f"{name} - {base}"] = cell([read(results[name, s]) - read(results[base, s])
+                                            for s in seeds], pp=True)
+        compare.append(row)
+    compare.append({"metric": "train minutes (all products)",
+                    **{name: cell([results[name, s]["train minutes"] for s in seeds])
+                       for name, _ in arms}})
+    columns = ["metric", "target", *(n for n, _ in arms), *(f"{n} - {base}" for n, _ in arms[1:])]
+    per_run = [{"arm": name, "seed": seed,
+                **{metric: read(results[name, seed]) for metric, (read, _) in METRICS.items()},
+                "train minutes": results[name, seed]["train minutes"]}
+               for name, _ in arms for seed in seeds]
+    run_columns = ["arm", "seed", *METRICS, "train minutes"]
+    print(f"\nArms over seeds {args.seeds} (mean ± sd)\n{format_table(compare, columns)}")
+    print(f"\nEach run\n{format_table(per_run, run_columns)}")
+    if args.no_docs:
+        return
+    recipe = ", ".join(f"{k}={v}" for k, v in common.items()
+                       if getattr(TrainConfig, k, None) != v)
+    arms_text = "; ".join(f"**{name}**: {options(changes) or 'the recipe as it is'}"
+                          for name, changes in arms)
+    body = (f"Common recipe: {recipe or 'defaults'}. Arms: {arms_text}. Seeds {args.seeds}; "
+            f"each arm and seed trained on every product and with {len(held)} products held "
+            "out (bench/protocols.py's), the last epoch of each exported and measured by "
+            "bench/protocols.py on the INT8 bundle and the kiosk matcher. Cells are mean ± "
+            "sample sd over the seeds; a difference column is the arm minus the first arm, "
+            "seed by seed, in percentage points.\n\n"
+            f"{format_markdown_table(compare, columns)}\n\n**Each run**\n\n"
+            f"{format_markdown_table(per_run, run_columns)}")
+    write_section(args.section, "Recipe arms over seeds"
+                  + (f" ({args.section})" if args.section != "seeds" else ""), body)
+
+
+if __name__ == "__main__":
+    main()
