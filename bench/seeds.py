@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from bench.protocols import (
@@ -51,7 +52,9 @@ from bench.protocols import (
 from bench.report import write_section
 from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
+from trainer.export import ExportConfig, export
 from trainer.ingest import read_layout
+from trainer.train import train
 
 # what each run is judged on, read from bench/protocols.py's rows, and the issue's target
 METRICS = {
@@ -97,8 +100,9 @@ def finished(cfg: TrainConfig) -> bool:
     if not last.is_file():
         return False
     trained = read_checkpoint(last)
-    mine = {k: v for k, v in vars(cfg).items() if k not in ("out", "resume", "device", "threads",
-                                                           "loader_threads")}
+    # the data and held-out products belong to the recipe here; where it is written does not
+    mine = {k: v for k, v in vars(cfg).items()
+            if k not in NOT_TRAINING_OPTIONS - {"data", "holdout"}}
     other = {k: v for k, v in trained["config"].items() if k in mine and mine[k] != v}
     if other:
         raise SystemExit(f"{last} was trained with {other}, not this arm's recipe: remove it or "
@@ -108,8 +112,6 @@ def finished(cfg: TrainConfig) -> bool:
 
 def run_training(cfg: TrainConfig) -> None:
     """One training, its progress in train.log beside its checkpoints (runs in a worker)."""
-    from trainer.train import train
-
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     with open(Path(cfg.out) / "train.log", "a") as log, redirect_stdout(log), \
             redirect_stderr(log):
@@ -119,10 +121,6 @@ def run_training(cfg: TrainConfig) -> None:
 def run_protocols(data: Path, run: Path, held: list[str], cpus: list[int]) -> dict:
     """Export both last epochs of one arm and seed and measure them (runs in a worker, on
     `cpus`, so that workers do not slow each other down); the rows go to protocols.json."""
-    import torch
-
-    from trainer.export import ExportConfig, export
-
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(len(cpus))
     with open(run / "protocols.log", "a") as log, redirect_stdout(log), redirect_stderr(log):
