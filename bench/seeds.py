@@ -118,7 +118,7 @@ def run_training(cfg: TrainConfig) -> None:
         train(cfg)
 
 
-def run_protocols(data: Path, run: Path, held: list[str], cpus: list[int]) -> dict:
+def run_protocols(data: Path, run: Path, held: list[str], cpus: list[int]) -> None:
     """Export both last epochs of one arm and seed and measure them (runs in a worker, on
     `cpus`, so that workers do not slow each other down); the rows go to protocols.json."""
     os.sched_setaffinity(0, cpus)
@@ -132,7 +132,6 @@ def run_protocols(data: Path, run: Path, held: list[str], cpus: list[int]) -> di
     rows["train minutes"] = sum(h["seconds"] for h in json.loads(
         (run / "closed" / "history.json").read_text())) / 60
     (run / "protocols.json").write_text(json.dumps(rows, indent=1, default=float))
-    return rows
 
 
 def in_parallel(fn, calls: list[tuple], jobs: int, what: str) -> None:
@@ -177,6 +176,7 @@ def main() -> None:
     held = held_out_products(labels.fine, args.holdout_every)
     cores = sorted(os.sched_getaffinity(0))
 
+    share = max(1, len(cores) // jobs)
     runs = {(name, seed): args.out / slug(name) / f"seed{seed}" for name, _ in arms
             for seed in seeds}
     trainings = []
@@ -187,7 +187,6 @@ def main() -> None:
                                      "holdout": holdout, "resume": True,
                                      "out": str(runs[name, seed] / which)})
                 if jobs > 1:  # the machine's cores shared out; views still come ahead of steps
-                    share = max(1, len(cores) // jobs)
                     cfg = replace(cfg, threads=share, loader_threads=max(2, share))
                 if not finished(cfg):
                     trainings.append((cfg,))
