@@ -41,7 +41,8 @@ COLUMNS = ["step", "change", "kept", "fine top-1", "coarse top-1", "Δ top-1 (pp
 
 # the seed recipe: every switch off (TrainConfig's defaults are the recipe this bench kept)
 SEED = {"margin": 0.0, "label_smoothing": 0.0, "cutmix": 0.0, "erasing": 0.0, "ema": 0.0,
-        "probe_epochs": 0, "reference_views": 0, "precision": "fp32", "frozen_stages": 0}
+        "probe_epochs": 0, "reference_views": 0, "precision": "fp32", "frozen_stages": 0,
+        "catalog_loss": 0.0}
 SPEED_STEPS = {"bf16", "frozen"}  # judged by time at (nearly) equal accuracy
 # (name, description, changes on top of the recipe kept so far)
 STEPS: list[tuple[str, str, dict]] = [
@@ -56,6 +57,8 @@ STEPS: list[tuple[str, str, dict]] = [
     ("bf16", "bf16 autocast (FP32 master weights)", {"precision": "bf16"}),
     ("frozen", "stem and first 2 block stages frozen at ImageNet", {"frozen_stages": 3}),
     ("lite2", "EfficientNet-Lite2 backbone", {"arch": "efficientnet_lite2"}),
+    ("catalog", "catalog-photo loss (views against catalog photos' embeddings)",
+     {"catalog_loss": 1.0}),
 ]
 
 

@@ -9,12 +9,22 @@ import numpy as np
 import pytest
 import torch
 
+from models.recognizer import input_spec
 from trainer.augment import random_erasing
 from trainer.config import TrainConfig
 from trainer.errors import DataError
-from trainer.ingest import drop_products, read_layout, read_references
+from trainer.ingest import Split, drop_products, read_layout, read_references
 from trainer.synthetic import generate_demo
-from trainer.train import cutmix, freeze_stages, load_checkpoint, pick_precision, train, update_ema
+from trainer.train import (
+    CATALOG_FRESH,
+    CatalogBank,
+    cutmix,
+    freeze_stages,
+    load_checkpoint,
+    pick_precision,
+    train,
+    update_ema,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +103,52 @@ def test_ema_moves_towards_the_model() -> None:
     assert ema.num_batches_tracked.item() == 7  # counters are copied, not averaged
 
 
+def catalog_bank(products_with_photo: list[int], num_fine: int) -> CatalogBank:
+    rng = np.random.default_rng(0)
+    refs = Split([Path(f"{f}.jpg") for f in products_with_photo], products_with_photo,
+                 [0] * len(products_with_photo),
+                 [rng.integers(0, 256, (80, 90, 3), dtype=np.uint8) for _ in products_with_photo])
+    return CatalogBank(refs, input_spec("efficientnet_lite0", 64), num_fine, torch.device("cpu"))
+
+
+def test_catalog_loss_is_low_only_near_the_own_products_catalog_photo() -> None:
+    bank = catalog_bank([0, 1, 2], 3)
+    bank.vectors = torch.eye(3)
+    view = torch.tensor([[1.0, 0.0, 0.0]])
+    none, no_fresh = np.array([], int), torch.empty(0, 3)
+    right = bank.loss(view, [0], none, no_fresh, scale=16.0, margin=0.2)
+    wrong = bank.loss(view, [1], none, no_fresh, scale=16.0, margin=0.2)
+    assert right.item() < 0.1 < 10 < wrong.item()
+
+
+def test_catalog_loss_trains_the_fresh_catalog_embeddings_and_keeps_them() -> None:
+    bank = catalog_bank([0, 2], 4)  # products 1 and 3 have no catalog photo
+    bank.vectors = torch.eye(3)[:2].clone()
+    fresh = torch.tensor([[0.0, 0.0, 1.0]], requires_grad=True)  # product 2's, re-embedded
+    views = torch.tensor([[0.0, 0.6, 0.8], [1.0, 0.0, 0.0]])
+    loss = bank.loss(views, [2, 3], np.array([1]), fresh, scale=16.0, margin=0.2)
+    loss.backward()
+    assert fresh.grad is not None and fresh.grad.abs().sum() > 0  # pulled towards the view
+    assert torch.equal(bank.vectors[1], fresh.detach()[0])  # the bank keeps the fresh one
+    # a view of a product without a catalog photo takes no part
+    alone = bank.loss(views[:1], [2], np.array([1]), fresh.detach(), scale=16.0, margin=0.2)
+    assert torch.isclose(loss, alone)
+
+
+def test_catalog_photos_re_embedded_are_of_the_batchs_products_and_few() -> None:
+    bank = catalog_bank(list(range(0, 40, 2)), 40)  # even products have a catalog photo
+    rows = bank.pick(list(range(40)) * 2, np.random.default_rng(0))
+    assert len(rows) == CATALOG_FRESH and len(set(rows)) == len(rows)
+    assert bank.pick([1, 3, 5], np.random.default_rng(0)).size == 0
+    assert list(bank.pick([4, 5, 4], np.random.default_rng(0))) == [2]
+
+
 def test_training_with_every_switch_on(tiny: Path, tmp_path: Path) -> None:
     labels, _, _ = read_layout(tiny)
     cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=2,
                       batch_size=8, margin=0.2, label_smoothing=0.1, cutmix=0.5, ema=0.9,
-                      probe_epochs=1, reference_views=2, holdout=labels.fine[0])
+                      probe_epochs=1, reference_views=2, catalog_loss=1.0,
+                      holdout=labels.fine[0])
     best = train(cfg)
     model, ckpt = load_checkpoint(best)
     assert ckpt["labels"]["fine"] == labels.fine[1:]

@@ -134,6 +134,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="bf16 autocast or fp32 training; auto = bf16 where the hardware has it")
     p.add_argument("--reference-views", type=int, default=TrainConfig.reference_views,
                    help="catalog reference photos join each epoch this many times")
+    p.add_argument("--catalog-loss", type=float, default=TrainConfig.catalog_loss,
+                   help="weight of classifying each view against the embeddings of the "
+                        "products' catalog photos (the enrol-from-catalog-photo task; 0: off)")
     p.add_argument("--attribute-weight", type=float, default=TrainConfig.attribute_weight,
                    help="weight of the attribute head's loss when the catalog has attribute "
                         "labels (0: no attribute head)")

@@ -14,9 +14,12 @@ thread pool a batch ahead (one thread cannot feed a GPU), each from its own seed
 The product head is a cosine classifier, so its loss is a metric-learning loss (normalised
 softmax); `margin` turns it into CosFace, pulling each product's photos tighter around its
 prototype, which is what nearest-reference matching and the "unknown" threshold rely on. The
-defaults are the recipe bench/recipe.py found to pay on the Grocery Store data (the margin, and
-the catalog photos as extra views); label smoothing, CutMix, weight EMA and a frozen-backbone
-probe phase are there, off, with their numbers in docs/BENCHMARKS.md.
+defaults are the recipe bench/recipe.py and bench/seeds.py found to pay on the Grocery Store
+data (the margin, the catalog photos as extra views, random erasing, and the catalog-photo loss:
+each view also classified against the embeddings of the products' catalog photos, so that a
+product the model never saw is found from its catalog photo alone); label smoothing, CutMix,
+weight EMA and a frozen-backbone probe phase are there, off, with their numbers in
+docs/BENCHMARKS.md.
 
 When the catalog labels products with attributes (see trainer/ingest.py), the model gets a
 multi-label attribute head trained with `attribute_weight` x binary cross-entropy against its
@@ -99,6 +102,56 @@ def cutmix(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, np.
     x = x.clone()
     x[:, :, top : top + bh, left : left + bw] = x[perm, :, top : top + bh, left : left + bw]
     return x, perm, 1 - bh * bw / (h * w)
+
+
+# catalog photos re-embedded with gradients each step by the catalog-photo loss
+CATALOG_FRESH = 8
+
+
+class CatalogBank:
+    """Each trained product's catalog photo and its latest embedding, for the catalog-photo
+    loss: a training view must be nearer its own product's catalog photo than any other's, as a
+    product enrolled from its catalog photo alone must be on the kiosk. Embedding every catalog
+    photo each step would cost more than the step, so each step re-embeds, with gradients,
+    those of up to CATALOG_FRESH products in its batch; the rest are as last embedded (a
+    memory bank, refreshed whole each epoch)."""
+
+    def __init__(self, refs: Split, spec: InputSpec, num_fine: int,
+                 device: torch.device) -> None:
+        first: dict[int, int] = {}
+        for j, fine in enumerate(refs.fine):
+            first.setdefault(fine, j)
+        products = sorted(first)
+        self.row = np.full(num_fine, -1)  # product -> its row in the bank (-1: no photo)
+        self.row[products] = np.arange(len(products))
+        self.inputs = [prepare(refs.images[first[f]], spec) for f in products]
+        self.device = device
+        self.vectors = torch.empty(0)
+
+    @torch.no_grad()
+    def refresh(self, model: Recognizer) -> None:
+        self.vectors = torch.from_numpy(predict(model, self.inputs)["embedding"]).to(self.device)
+
+    def pick(self, fine: list[int], rng: np.random.Generator) -> np.ndarray:
+        """Bank rows to re-embed this step: of products in the batch, in random order."""
+        rows = np.unique(self.row[fine])
+        return rng.permutation(rows[rows >= 0])[:CATALOG_FRESH]
+
+    def batch(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.inputs[r] for r in rows]))
+
+    def loss(self, queries: torch.Tensor, fine: list[int], rows: np.ndarray,
+             fresh: torch.Tensor, scale: float, margin: float) -> torch.Tensor:
+        """CosFace cross-entropy of `queries` (unit embeddings of products `fine`) against
+        the bank, with rows `rows` replaced by `fresh` (which the bank then keeps)."""
+        index = torch.from_numpy(rows).to(self.device)
+        refs = self.vectors.index_copy(0, index, fresh)
+        self.vectors[index] = fresh.detach()
+        target = torch.from_numpy(self.row[fine]).to(self.device)
+        keep = target >= 0
+        logits = scale * queries[keep] @ refs.t()
+        logits = logits - scale * margin * F.one_hot(target[keep], refs.shape[0])
+        return F.cross_entropy(logits, target[keep])
 
 
 @torch.no_grad()
@@ -294,8 +347,12 @@ def train(cfg: TrainConfig) -> Path:
         progress = (step - warmup) / max(1, total_steps - warmup)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
+    bank = (CatalogBank(data.references, spec, len(labels.fine), device)
+            if cfg.catalog_loss and len(data.references) else None)
     for epoch in range(start_epoch, cfg.epochs):
         probing = epoch < cfg.probe_epochs  # heads only: no backward through the backbone
+        if bank is not None:
+            bank.refresh(model)
         model.train()
         for m in [model.backbone] if probing else frozen:
             m.eval()
@@ -314,14 +371,24 @@ def train(cfg: TrainConfig) -> Path:
             mixed = cfg.cutmix and rng.random() < cfg.cutmix
             if mixed:
                 x, partner, lam = cutmix(x, rng)
+            fine = [pool.fine[j] for j in idx]
+            rows = bank.pick(fine, rng) if bank is not None and not mixed else np.array([], int)
+            if len(rows):  # the catalog photos ride in the same batch (and BatchNorm)
+                x = torch.cat([x, bank.batch(rows).to(device).contiguous(
+                    memory_format=torch.channels_last)])
             with torch.autocast(device.type, autocast or torch.float32, autocast is not None):
                 with torch.set_grad_enabled(not probing):
                     features = model.backbone.forward_features(x)
-                _, *outputs = model.heads(features)  # fine, coarse[, attributes]
-            outputs = [o.float() for o in outputs]
+                embedding, *outputs = model.heads(features)  # fine, coarse[, attributes]
+            n = len(idx)
+            outputs = [o[:n].float() for o in outputs]
             loss = losses(idx, *outputs)
             if mixed:
                 loss = lam * loss + (1 - lam) * losses(idx[partner], *outputs)
+            if len(rows):
+                embedding = embedding.float()
+                loss = loss + cfg.catalog_loss * bank.loss(embedding[:n], fine, rows,
+                                                           embedding[n:], cfg.scale, cfg.margin)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
