@@ -104,6 +104,13 @@ def cutmix(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, np.
     return x, perm, 1 - bh * bw / (h * w)
 
 
+def with_margin(logits: torch.Tensor, target: torch.Tensor, scale: float, margin: float
+                ) -> torch.Tensor:
+    """CosFace: cosine logits (times `scale`) with the true class's lowered by `margin`, so
+    it must win by that margin in cosine."""
+    return logits - scale * margin * F.one_hot(target, logits.shape[1]) if margin else logits
+
+
 # catalog photos re-embedded with gradients each step by the catalog-photo loss
 CATALOG_FRESH = 8
 
@@ -149,8 +156,7 @@ class CatalogBank:
         self.vectors[index] = fresh.detach()
         target = torch.from_numpy(self.row[fine]).to(self.device)
         keep = target >= 0
-        logits = scale * queries[keep] @ refs.t()
-        logits = logits - scale * margin * F.one_hot(target[keep], refs.shape[0])
+        logits = with_margin(scale * queries[keep] @ refs.t(), target[keep], scale, margin)
         return F.cross_entropy(logits, target[keep])
 
 
@@ -298,8 +304,7 @@ def train(cfg: TrainConfig) -> Path:
         """The loss of the heads' outputs for the photos `idx` of the pool."""
         y_fine = torch.tensor([pool.fine[j] for j in idx], device=device)
         y_coarse = torch.tensor([pool.coarse[j] for j in idx], device=device)
-        if cfg.margin:  # CosFace: the true product must win by a margin in cosine
-            fine = fine - cfg.scale * cfg.margin * F.one_hot(y_fine, fine.shape[1])
+        fine = with_margin(fine, y_fine, cfg.scale, cfg.margin)
         loss = (F.cross_entropy(fine, y_fine, weight=fine_w, label_smoothing=cfg.label_smoothing)
                 + cfg.coarse_weight * F.cross_entropy(coarse, y_coarse, weight=coarse_w,
                                                       label_smoothing=cfg.label_smoothing))
