@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TrainedDemo, copy_catalog, storyscan
+from trainer.export import known_similarities
 from trainer.metrics import auroc, far_at_tar, threshold_at_tar
 
 # --- metrics, by hand ---------------------------------------------------------------------------
@@ -45,6 +46,19 @@ def test_far_at_tar_uses_the_threshold_keeping_that_share_of_known_items() -> No
     assert far == 0.5  # 0.1 and 0.5 are accepted (score >= threshold)
     assert threshold_at_tar(known, 1.0) == 0.05
     assert threshold_at_tar(np.array([0.3, 0.9, 0.6]), 0.5) == 0.6  # 2 of 3 kept: at least half
+
+
+def test_known_similarities_search_prototypes_and_catalog_photos_as_the_kiosk_does() -> None:
+    unit = lambda *v: np.array(v, np.float32) / np.linalg.norm(v)  # noqa: E731
+    protos = np.stack([unit(1, 0, 0), unit(0, 1, 0)])
+    photos = np.stack([unit(0.6, 0.8, 0), unit(0.9, 0.1, 0)])  # both of product A
+    catalog_photo = unit(0.5, 0.9, 0)  # A's, nearer the first photo than B's prototype is
+    known = known_similarities(photos, np.array([0, 0]), ["A", "B"], protos, ["A"],
+                               np.stack([catalog_photo]))
+    assert known == pytest.approx([photos[0] @ catalog_photo, photos[1] @ protos[0]])
+    # prototypes alone: the first photo goes to B, and only the second counts
+    alone = known_similarities(photos, np.array([0, 0]), ["A", "B"], protos, [], np.zeros(0))
+    assert alone == pytest.approx([photos[1] @ protos[0]])
 
 
 @pytest.mark.parametrize(("known", "unknown", "tar"), [
@@ -91,7 +105,9 @@ def test_export_calibrates_a_threshold_that_keeps_95_percent_of_recognised_photo
     right = [r for p in sorted((trained_demo.data / "val").rglob("*.jpg"))
              if (r := pipeline.scan_file(p)).sku == p.parent.name]
     kept = sum(r.similarity >= bundle.unknown_threshold for r in right)
-    assert kept / len(right) >= 0.95
+    # calibrated on what the kiosk searches (prototypes and the catalog's photos): 95% kept on
+    # the kiosk, not all of them, or it would let through unknown items it could turn away
+    assert 0.95 <= kept / len(right) <= 0.95 + 1.5 / len(right), (kept, len(right))
 
 
 @pytest.mark.slow
@@ -109,11 +125,15 @@ def test_a_product_the_shop_does_not_sell_comes_back_unknown_with_its_best_guess
         assert len(guesses) == 6 and guesses == sorted(guesses, reverse=True)
         assert guesses[0] == r["similarity"]
 
-    stocked = storyscan("scan", *scans(trained_demo, "PLT-001", "VAS-002"), "--json",
+    # what the shop sells is still named: the threshold keeps 95% of recognised photos by
+    # design, so of its 64 scans a few may come back unknown, never many
+    sold = sorted({p.name for p in (trained_demo.data / "scans").glob("*/*")}
+                  - set(UNSTOCKED))
+    stocked = storyscan("scan", *scans(trained_demo, *sold), "--json",
                         "--bundle", trained_demo.bundle, "--catalog", partial_shop)
     rows = [json.loads(line) for line in stocked.stdout.splitlines()]
     right = sum(not r["unknown"] and r["sku"] == Path(r["source"]).parent.name for r in rows)
-    assert right >= 0.9 * len(rows)
+    assert len(rows) == 64 and right >= 0.85 * len(rows), right
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ shared `prepare`, exactly as the kiosk will see them. The INT8 model must agree 
 the validation photos (top-1 product) at least `min_agreement` of the time, or no bundle is
 written.
 
-The bundle also carries the open-set threshold: the similarity to the nearest prototype, as the
-kiosk's matcher computes it from INT8 embeddings, that keeps `UNKNOWN_TAR` of the validation
-photos INT8 recognises correctly; a scan below it is unknown on the kiosk.
+The bundle also carries the open-set threshold: the best similarity, as the kiosk's matcher
+computes it from INT8 embeddings over what it searches (prototypes and the catalog's reference
+photos), that keeps `UNKNOWN_TAR` of the validation photos INT8 recognises correctly; a scan
+below it is unknown on the kiosk.
 
 A model trained with attribute labels gets a fourth ONNX output, `attributes` (multi-label
 logits), and the manifest a `heads.attributes` entry with their names and the probability
@@ -54,7 +55,14 @@ from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged, Recognizer
 from trainer.config import FEATURE_WEIGHT, FP32_CONVS, MIN_AGREEMENT
 from trainer.errors import ExportError
-from trainer.ingest import IngestReport, Split, drop_products, load_split, read_layout
+from trainer.ingest import (
+    IngestReport,
+    Split,
+    drop_products,
+    load_split,
+    read_layout,
+    read_references,
+)
 from trainer.metrics import evaluate_scores, micro_f1, multi_hot, threshold_at_tar
 from trainer.train import holdout_products, load_checkpoint, predict
 
@@ -204,10 +212,14 @@ def kiosk_prototypes(model: Recognizer, runner: Recognizer | FlipAveraged, train
 
 
 def known_similarities(embeddings: np.ndarray, labels: np.ndarray, fine: list[str],
-                       prototypes: np.ndarray) -> np.ndarray:
-    """Best similarity of each photo the kiosk's matcher recognises correctly against the
-    prototypes alone: the scores of known products the unknown threshold must accept."""
-    matcher = Matcher(fine, prototypes, 1.0)
+                       prototypes: np.ndarray, reference_skus: list[str],
+                       references: np.ndarray) -> np.ndarray:
+    """Best similarity of each photo the kiosk's matcher recognises correctly, searching what
+    the kiosk searches: the prototypes and the catalog's reference photos (`reference_skus`,
+    `references`: their products and embeddings). Prototypes alone score known products lower
+    wherever a catalog photo is nearer, and set a threshold that lets unknown items through."""
+    vectors = np.concatenate([prototypes, references.reshape(-1, prototypes.shape[1])])
+    matcher = Matcher([*fine, *reference_skus], vectors, 1.0)
     best = [matcher.match(e, k=1)[0] for e in embeddings]
     return np.array([m.similarity for m, y in zip(best, labels, strict=True)
                      if m.sku == fine[y]], np.float64)
@@ -309,6 +321,8 @@ def export(cfg: ExportConfig) -> Bundle:
     calib = load_split(calibration_subset(train, cfg.calibration_photos, len(labels["fine"])),
                        to_input, report, seen, "calibration photos")
     val = load_split(val, to_input, report, seen, "validation photos")
+    references = load_split(read_references(cfg.data, data_labels), to_input, IngestReport(), {},
+                            "catalog reference photos")
     # every training photo, for the products' mean features (calibration ones included)
     train = load_split(train, to_input, IngestReport(), {}, "training photos") \
         if cfg.feature_weight else None
@@ -332,8 +346,8 @@ def export(cfg: ExportConfig) -> Bundle:
 
         print(f"checking INT8 against FP32 on {len(val)} validation photos")
         y_fine, y_coarse = np.array(val.fine), np.array(val.coarse)
-        results = {p: infer_all(OrtEngine(path, p), val.images)
-                   for p, path in (("fp32", fp32), ("int8", int8))}
+        engines = {p: OrtEngine(path, p) for p, path in (("fp32", fp32), ("int8", int8))}
+        results = {p: infer_all(engine, val.images) for p, engine in engines.items()}
         metrics = {p: evaluate_scores(r["fine"], y_fine, r["coarse"], y_coarse).to_dict()
                    for p, r in results.items()}
         attribute_names = labels.get("attributes", [])
@@ -382,9 +396,10 @@ def export(cfg: ExportConfig) -> Bundle:
                                   "to write it anyway)")
             files[engine.name] = engine
             trt_section = {"tensorrt": {"engines": [entry]}}
-        known = known_similarities(results["int8"]["embedding"], y_fine, labels["fine"],
-                                   np.load(protos))
-        unknown = calibrate_unknown(known)
+        unknown = calibrate_unknown(known_similarities(
+            results["int8"]["embedding"], y_fine, labels["fine"], np.load(protos),
+            [labels["fine"][i] for i in references.fine],
+            infer_all(engines["int8"], references.images).get("embedding", np.zeros(0))))
         manifest = {
             "name": cfg.name,
             "version": cfg.version,
