@@ -37,6 +37,7 @@ import numpy as np
 from bench.protocols import DEFAULT_DATA, Kiosk, catalog, held_out_products
 from bench.report import write_section
 from device.catalog import Product
+from device.engines import infer_all
 from models.bundle import Bundle, load_bundle
 from models.preprocess import load_image, prepare
 from models.tables import format_markdown_table, format_table
@@ -72,8 +73,8 @@ def shop(name: str, bundle: Bundle, data: Path, sold: set[str], work: Path) -> l
     products = [p for p in catalog(data, labels) if p.sku in bundle.fine_labels]
 
     def embed(paths: list[str]) -> np.ndarray:
-        return np.concatenate([kiosk.engine.infer(prepare(load_image(p), bundle.input_spec)[None])
-                               ["embedding"] for p in paths])
+        return infer_all(kiosk.engine, [prepare(load_image(p), bundle.input_spec)
+                                        for p in paths])["embedding"]
 
     thresholds = rules(embed, bundle, kiosk.embeddings[trained], list(truth[trained]), products)
     matcher = kiosk.use_catalog(name, [p for p in products if p.sku in sold])
