@@ -108,3 +108,24 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     for row in table:  # all val photos' top-1 lies between the new and the known ones'
         new, known, every = map(float, row.split()[-3:])
         assert min(new, known) - 1e-3 <= every <= max(new, known) + 1e-3
+
+    # bench/unknown_threshold.py: each calibration rule in both shops, from the two bundles
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "unknown_threshold.py"), "--data",
+         tmp_path / "data", "--closed-bundle", runs / "closed-bundle", "--held-out-bundle",
+         runs / "held-out-bundle", "--no-docs"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [ln.split() for ln in result.stdout.splitlines()
+            if ln.startswith(("new items", "not stocked"))]
+    assert [" ".join(r[:2]) for r in rows] == ["new items"] * 2 + ["not stocked"] * 2
+    assert ["(before)" in " ".join(r) for r in rows] == [True, False, True, False]
+    for row in rows:
+        kept, rejected, mean = map(float, row[-3:])
+        assert 0 <= kept <= 1 and 0 <= rejected <= 1 and abs((kept + rejected) / 2 - mean) < 2e-3
+    wrong = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "unknown_threshold.py"), "--data",
+         tmp_path / "data", "--closed-bundle", runs / "held-out-bundle", "--held-out-bundle",
+         runs / "closed-bundle", "--no-docs"], capture_output=True, text=True, timeout=600,
+        cwd=ROOT)
+    assert wrong.returncode != 0 and "must leave out" in wrong.stderr
