@@ -96,9 +96,9 @@ def measure(checkpoint: Path, data: Path, out: Path, name: str) -> list[dict]:
                 refs = {sku: images[sku] + extra.get(sku, []) for sku in held}
                 catalog = known + [replace(products[sku], images=refs[sku]) for sku in held]
                 key = str(len(rows))
-                tune_top1, _, _ = search(tune_kiosk.use_catalog(key, catalog), tune_kiosk,
+                tune_top1, *_ = search(tune_kiosk.use_catalog(key, catalog), tune_kiosk,
                                          [t for _, t in tune], "all products")
-                val_top1, _, _ = search(val_kiosk.use_catalog(key, catalog), val_kiosk,
+                val_top1, *_ = search(val_kiosk.use_catalog(key, catalog), val_kiosk,
                                         val_truth, "all products")
                 rows.append({"checkpoint": str(checkpoint), "enrolled from": source,
                              "views": views,

@@ -68,7 +68,7 @@ def main() -> None:
                 matcher = kiosk.use_catalog("training", [
                     replace(pr, images=pr.images + photos[pr.sku]) for pr in products])
                 for how in SEARCHES:
-                    top1, top5, us = search(matcher, kiosk, truth, how)
+                    top1, top5, us, _ = search(matcher, kiosk, truth, how)
                     searches.append({"checkpoint": str(checkpoint), "references": WITH_TRAINING,
                                      "search": how, "top-1": top1.mean(),
                                      "top-5": top5.mean(), "match µs": us})

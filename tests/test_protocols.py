@@ -29,6 +29,17 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     assert "5 training photos" in out and "catalog (iconic) photo" in out
     assert "top-2 categories" in out and "64 of" in out
     assert out.count("all products, category prior") == 3  # closed set, both enrolments
+    # the category of the product the kiosk names is right whenever the product is
+    matcher = out.split("kiosk matcher")[1].split("hash (4-bit code)")[0]
+    assert "category top-1" in matcher
+    rows = [ln.split()[-4:] for ln in matcher.splitlines() if ln.startswith(("all", "top-"))]
+    assert len(rows) == 5
+    for top1, _, category, _ in rows:
+        assert float(top1) <= float(category) <= 1
+    # protocol 2's bar: the closed model, trained on the held-out products, leads its table
+    new = out.split("2. New products")[1].split("3. Unknown items")[0]
+    assert new.count("none: trained on (all-products model)") == 1
+    assert new.index("trained on") < new.index("5 training photos")
 
     # checkpoints trained elsewhere (a GPU box) are reused: the same tables come out; a
     # "held-out" checkpoint that held out other products is refused in one line
