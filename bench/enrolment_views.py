@@ -97,9 +97,9 @@ def measure(checkpoint: Path, data: Path, out: Path, name: str) -> list[dict]:
                 catalog = known + [replace(products[sku], images=refs[sku]) for sku in held]
                 key = str(len(rows))
                 tune_top1, *_ = search(tune_kiosk.use_catalog(key, catalog), tune_kiosk,
-                                         [t for _, t in tune], "all products")
+                                       [t for _, t in tune], "all products")
                 val_top1, *_ = search(val_kiosk.use_catalog(key, catalog), val_kiosk,
-                                        val_truth, "all products")
+                                      val_truth, "all products")
                 rows.append({"checkpoint": str(checkpoint), "enrolled from": source,
                              "views": views,
                              "references per product": np.mean([len(r) for r in refs.values()]),

@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def search(matcher: Matcher, kiosk: Kiosk, truth: list[str], how: str
 
 
 def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Product],
-               held: list[str] = ()) -> dict[str, list[dict]]:
+               held: Sequence[str] = ()) -> dict[str, list[dict]]:
     """The heads, search and hashing tables; with protocol 2's `held` products, also "trained":
     what this model, trained on them, gets on their val photos (the bar for enrolling them)."""
     m = bundle.manifest["metrics"]
