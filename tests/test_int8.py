@@ -1,0 +1,83 @@
+"""INT8 models run as the exporter wrote them: a layer the bundle keeps in FP32 is computed
+in FP32 on the kiosk's engine, not quietly re-quantised by ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from device.engines.ort import OrtEngine
+from trainer.export import QuantOptions, quantize_int8
+
+SIZE = 16
+
+
+def small_network(path: Path) -> None:
+    """A recognizer in miniature: 1x1 conv, ReLU6, depthwise 3x3, ReLU6, 1x1 conv, pooling,
+    and three linear heads. One depthwise filter is far larger than the rest (BatchNorm folding
+    leaves such filters in trained networks) and ReLU6 clips its output, so one weight scale
+    for the whole layer would round the other filters to a level or two."""
+    rng = np.random.default_rng(0)
+    spread = np.ones((16, 1, 1, 1), np.float32)
+    spread[0] = 50  # one filter far larger than the rest, its output clipped by ReLU6
+    weights = {
+        "wa": rng.standard_normal((16, 3, 1, 1)).astype(np.float32) * 0.5,
+        "wb": rng.standard_normal((16, 1, 3, 3)).astype(np.float32) * spread,
+        "wc": rng.standard_normal((32, 16, 1, 1)).astype(np.float32) * 0.3,
+        "we": rng.standard_normal((32, 8)).astype(np.float32),
+        "wf": rng.standard_normal((32, 5)).astype(np.float32),
+        "wg": rng.standard_normal((32, 3)).astype(np.float32),
+        "lo": np.array(0, np.float32), "hi": np.array(6, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["image", "wa"], ["a"], name="conv_a"),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["a6"], name="relu6_a"),
+        helper.make_node("Conv", ["a6", "wb"], ["b"], name="conv_b", group=16, pads=[1] * 4),
+        helper.make_node("Clip", ["b", "lo", "hi"], ["b6"], name="relu6_b"),
+        helper.make_node("Conv", ["b6", "wc"], ["c"], name="conv_c"),
+        helper.make_node("GlobalAveragePool", ["c"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["features"]),
+        helper.make_node("MatMul", ["features", "we"], ["embedding"]),
+        helper.make_node("MatMul", ["features", "wf"], ["fine"]),
+        helper.make_node("MatMul", ["features", "wg"], ["coarse"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "small",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", d])
+         for n, d in (("embedding", 8), ("fine", 5), ("coarse", 3))],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def outputs(session: ort.InferenceSession, x: np.ndarray) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"image": x}), strict=True))
+
+
+def test_fp32_layers_of_an_int8_model_run_in_fp32(tmp_path: Path) -> None:
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    small_network(fp32)
+    rng = np.random.default_rng(1)
+    photos = [rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32) for _ in range(32)]
+    # the depthwise convolution stays FP32 between two INT8 ones
+    quantize_int8(fp32, int8, photos, QuantOptions(fp32_convs=0, fp32_depthwise=True))
+    x = np.stack(photos[:8])
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = outputs(ort.InferenceSession(str(int8), plain,
+                                              providers=["CPUExecutionProvider"]), x)
+    requantised = outputs(ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]), x)
+    kiosk = OrtEngine(int8, "int8").infer(x)
+
+    def gap(out: dict[str, np.ndarray]) -> float:
+        """Largest embedding difference from the graph as written, relative to its range."""
+        ref = as_written["embedding"]
+        return float(np.abs(out["embedding"] - ref).max() / np.abs(ref).max())
+
+    assert gap(kiosk) < 1e-3
+    assert gap(requantised) > 0.05  # what the kiosk would compute with the pass left on
