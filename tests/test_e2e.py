@@ -169,24 +169,34 @@ def test_enrol_refuses_a_bad_photo_and_changes_nothing(
     assert result.returncode == 1 and "give --name and --category" in result.stderr
 
 
-def test_export_keeps_the_first_three_convolutions_in_fp32(trained_demo: TrainedDemo,
-                                                           tmp_path: Path) -> None:
-    """The stem and first block stay FP32 by default: that is where INT8 error enters."""
+def test_export_keeps_the_first_and_the_most_sensitive_convolutions_in_fp32(
+        trained_demo: TrainedDemo, tmp_path: Path) -> None:
+    """The stem and first block stay FP32 by default (where INT8 error enters); with
+    --fp32-sensitive 10 so do the 10 convolutions whose INT8 error moves the product scores
+    most, named in the manifest."""
     import onnx
 
     from models.bundle import load_bundle
 
     result = storyscan("export", trained_demo.run / "best.pt", "--data", trained_demo.data,
-                       "--out", tmp_path / "b", "--calibration-photos", "48", "--force")
+                       "--out", tmp_path / "b", "--calibration-photos", "48", "--force",
+                       "--fp32-sensitive", "10")
     assert result.returncode == 0, result.stderr
+    assert load_bundle(trained_demo.bundle).manifest["quantization"]["fp32_layers"] == \
+        "first 3 convolutions and the heads"  # the default
     bundle = load_bundle(tmp_path / "b")
-    assert bundle.manifest["quantization"]["fp32_layers"] == "first 3 convolutions and the heads"
+    quantization = bundle.manifest["quantization"]
+    assert quantization["fp32_layers"] == \
+        "first 3 convolutions, the 10 most sensitive convolutions and the heads"
     graph = onnx.load(str(bundle.model_path("int8"))).graph
     produced_by = {out: n.op_type for n in graph.node for out in n.output}
-    weight_from = [produced_by.get(n.input[1], "initializer") for n in graph.node
-                   if n.op_type == "Conv"]
-    assert weight_from[:3] == ["initializer"] * 3  # float weights: not quantised
-    assert set(weight_from[3:]) == {"DequantizeLinear"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    float_weights = [n.name for n in convs if n.input[1] not in produced_by]  # not quantised
+    assert float_weights[:3] == [n.name for n in convs[:3]]
+    assert sorted(float_weights[3:]) == sorted(quantization["sensitive_convolutions"])
+    assert len(float_weights) == 13
+    assert {produced_by.get(n.input[1]) for n in convs[3:] if n.name not in float_weights} == \
+        {"DequantizeLinear"}
 
 
 def test_quantisation_can_keep_depthwise_convolutions_in_fp32(trained_demo: TrainedDemo,
@@ -243,3 +253,7 @@ def test_feature_weighted_embedding_is_matched_end_to_end(trained_demo: TrainedD
     result = storyscan("export", trained_demo.run / "best.pt", "--data", trained_demo.data,
                        "--out", tmp_path / "c", "--feature-weight", "1")
     assert result.returncode == 1 and "--feature-weight 1.0: must be" in result.stderr
+    result = storyscan("export", trained_demo.run / "best.pt", "--data", trained_demo.data,
+                       "--out", tmp_path / "d", "--fp32-sensitive", "-1")
+    assert result.returncode == 1 and "--fp32-sensitive count" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "d").exists()

@@ -11,16 +11,18 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from device.engines.ort import OrtEngine
-from trainer.export import QuantOptions, quantize_int8
+from trainer.export import QuantOptions, quantize_int8, score_divergence
 
 SIZE = 16
 
 
-def small_network(path: Path) -> None:
+def small_network(path: Path, lopsided_last: bool = False) -> None:
     """A recognizer in miniature: 1x1 conv, ReLU6, depthwise 3x3, ReLU6, 1x1 conv, pooling,
     and three linear heads. One depthwise filter is far larger than the rest (BatchNorm folding
     leaves such filters in trained networks) and ReLU6 clips its output, so one weight scale
-    for the whole layer would round the other filters to a level or two."""
+    for the whole layer would round the other filters to a level or two. With
+    `lopsided_last`, one input weight of every filter of the last convolution dwarfs the
+    others, which a scale per filter cannot help: that layer loses the most to INT8."""
     rng = np.random.default_rng(0)
     spread = np.ones((16, 1, 1, 1), np.float32)
     spread[0] = 50  # one filter far larger than the rest, its output clipped by ReLU6
@@ -33,6 +35,8 @@ def small_network(path: Path) -> None:
         "wg": rng.standard_normal((32, 3)).astype(np.float32),
         "lo": np.array(0, np.float32), "hi": np.array(6, np.float32),
     }
+    if lopsided_last:  # within each filter one weight dwarfs the rest: INT8 hurts here most
+        weights["wc"][:, 1] *= 20
     nodes = [
         helper.make_node("Conv", ["image", "wa"], ["a"], name="conv_a"),
         helper.make_node("Clip", ["a", "lo", "hi"], ["a6"], name="relu6_a"),
@@ -65,7 +69,8 @@ def test_fp32_layers_of_an_int8_model_run_in_fp32(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     photos = [rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32) for _ in range(32)]
     # the depthwise convolution stays FP32 between two INT8 ones
-    quantize_int8(fp32, int8, photos, QuantOptions(fp32_convs=0, fp32_depthwise=True))
+    quantize_int8(fp32, int8, photos,
+                  QuantOptions(fp32_convs=0, fp32_sensitive=0, fp32_depthwise=True))
     x = np.stack(photos[:8])
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -81,3 +86,32 @@ def test_fp32_layers_of_an_int8_model_run_in_fp32(tmp_path: Path) -> None:
 
     assert gap(kiosk) < 1e-3
     assert gap(requantised) > 0.05  # what the kiosk would compute with the pass left on
+
+
+def test_export_keeps_the_convolution_int8_hurts_most_in_fp32(tmp_path: Path) -> None:
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    small_network(fp32, lopsided_last=True)
+    rng = np.random.default_rng(1)
+    photos = [rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32) for _ in range(32)]
+    options = QuantOptions(fp32_convs=0, fp32_sensitive=1)
+    assert quantize_int8(fp32, int8, photos, options)[0] == "conv_c"  # ranked first
+    assert options.describe()["fp32_layers"] == "the 1 most sensitive convolutions and the heads"
+    graph = onnx.load(str(int8)).graph
+    produced_by = {out: n.op_type for n in graph.node for out in n.output}
+    float_weights = {n.name for n in graph.node if n.op_type == "Conv"
+                     and produced_by.get(n.input[1]) != "DequantizeLinear"}
+    assert float_weights == {"conv_c"}
+
+    x = np.stack(photos)
+    reference = OrtEngine(fp32, "fp32").infer(x)["fine"]
+    all_int8 = tmp_path / "all.onnx"
+    quantize_int8(fp32, all_int8, photos, QuantOptions(fp32_convs=0, fp32_sensitive=0))
+    assert score_divergence(reference, OrtEngine(int8, "int8").infer(x)["fine"]) < \
+        score_divergence(reference, OrtEngine(all_int8, "int8").infer(x)["fine"]) / 2
+
+
+def test_score_divergence() -> None:
+    scores = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    assert score_divergence(scores, scores) == 0.0
+    assert score_divergence(scores, scores + 5.0) < 1e-12  # a shift leaves probabilities
+    assert score_divergence(scores, scores[:, ::-1]) > 0.5

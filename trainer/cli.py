@@ -14,6 +14,7 @@ from trainer.config import (
     ARCHS,
     FEATURE_WEIGHT,
     FP32_CONVS,
+    FP32_SENSITIVE,
     MIN_AGREEMENT,
     PRECISIONS,
     TrainConfig,
@@ -172,6 +173,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    default="minmax")
     p.add_argument("--fp32-convs", type=int, default=FP32_CONVS,
                    help="keep the first N convolutions in FP32 (see docs/BENCHMARKS.md)")
+    p.add_argument("--fp32-sensitive", type=int, default=FP32_SENSITIVE,
+                   help="and the N later convolutions whose INT8 error moves the product "
+                        "scores most, measured on calibration photos (one trial model each)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="do not average each photo with its mirror image (half the inference)")
     p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,

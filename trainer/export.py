@@ -3,8 +3,10 @@
 INT8 is ONNX Runtime static quantisation in QDQ form: per-channel symmetric int8 weights and
 uint8 activations, which ONNX Runtime's CPU kernels run fastest and most faithfully (see
 bench/int8_fidelity.py). Only the backbone is quantised, and not its first `fp32_convs`
-convolutions (the stem and first block, where INT8 error enters); the small heads stay FP32 so
-embeddings keep their precision. The calibration photos are training photos passed through the
+convolutions (the stem and first block, where INT8 error enters) nor the `fp32_sensitive`
+convolutions whose INT8 error moves the product scores most, each tried back in FP32 on
+calibration photos (`rank_convs`); the small heads stay FP32 so embeddings keep their
+precision. The calibration photos are training photos passed through the
 shared `prepare`, exactly as the kiosk will see them. The INT8 model must agree with FP32 on
 the validation photos (top-1 product) at least `min_agreement` of the time, or no bundle is
 written.
@@ -46,6 +48,7 @@ from onnxruntime.quantization import (
     quant_pre_process,
     quantize_static,
 )
+from tqdm import tqdm
 
 from device.engines import infer_all
 from device.engines.ort import OrtEngine
@@ -53,7 +56,7 @@ from device.matcher import Matcher
 from models.bundle import ATTRIBUTES, Bundle, logit, write_bundle
 from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged, Recognizer
-from trainer.config import FEATURE_WEIGHT, FP32_CONVS, MIN_AGREEMENT
+from trainer.config import FEATURE_WEIGHT, FP32_CONVS, FP32_SENSITIVE, MIN_AGREEMENT
 from trainer.errors import ExportError
 from trainer.ingest import (
     IngestReport,
@@ -69,6 +72,7 @@ from trainer.train import holdout_products, load_checkpoint, predict
 OPSET = 17
 UNKNOWN_TAR = 0.95  # share of correctly recognised val photos the unknown threshold keeps
 ATTRIBUTE_THRESHOLD = 0.5  # probability above which the kiosk reports an attribute
+SENSITIVITY_STRIDE = 4  # every 4th calibration photo scores a convolution's INT8 error
 GOLDEN_INPUTS = 4  # validation inputs shipped with their INT8 outputs for a device's self-test
 GOLDEN_MIN_COSINE = 0.98  # a device's embedding of a golden input must be this close
 TENSORRT_PATHS = ("onnx", "torch2trt")  # onnx: the kiosk builds its engine from the bundle
@@ -87,6 +91,7 @@ class ExportConfig:
     calibration_photos: int = 256
     calibration: str = "minmax"
     fp32_convs: int = FP32_CONVS
+    fp32_sensitive: int = FP32_SENSITIVE
     flip: bool = True  # average each photo with its mirror image inside the model
     min_agreement: float = MIN_AGREEMENT
     force: bool = False
@@ -128,20 +133,25 @@ class QuantOptions:
     symmetric_activations: bool = False
     per_channel: bool = True  # one weight scale per output channel
     fp32_convs: int = FP32_CONVS  # leading convolutions kept in FP32 (where INT8 hurts most)
+    # and the N later convolutions whose INT8 error moves the product scores most
+    # (rank_convs: measured on calibration photos, one at a time)
+    fp32_sensitive: int = FP32_SENSITIVE
     # depthwise convolutions kept in FP32 (one filter per channel meets one activation scale
-    # for all channels); measured worse than all-INT8 by bench/int8_fidelity.py, not exported
+    # for all channels): 98.6% agreement on a Lite2 model, but INT8 at 0.90 of FP32 time, each
+    # one a round trip out of INT8 (bench/int8_fidelity.py); not exported
     fp32_depthwise: bool = False
 
     def describe(self) -> dict:
+        fp32 = (([f"first {self.fp32_convs} convolutions"] if self.fp32_convs else [])
+                + ([f"the {self.fp32_sensitive} most sensitive convolutions"]
+                   if self.fp32_sensitive else [])
+                + (["depthwise convolutions"] if self.fp32_depthwise else []))
         return {"format": "QDQ",
                 "weights": f"int8 {'per-channel' if self.per_channel else 'per-tensor'} symmetric",
                 "activations": "int8 symmetric" if self.symmetric_activations
                 else "uint8 asymmetric",
                 "calibration": self.calibration,
-                "fp32_layers": " and ".join(
-                    ([f"first {self.fp32_convs} convolutions"] if self.fp32_convs else [])
-                    + (["depthwise convolutions"] if self.fp32_depthwise else [])
-                    + ["the heads"])}
+                "fp32_layers": ", ".join(fp32) + (" and " if fp32 else "") + "the heads"}
 
 
 def fp32_nodes(model: onnx.ModelProto, options: QuantOptions) -> list[str]:
@@ -161,19 +171,74 @@ def fp32_nodes(model: onnx.ModelProto, options: QuantOptions) -> list[str]:
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray],
-                  options: QuantOptions) -> None:
+                  options: QuantOptions, ranking: list[str] | None = None) -> list[str]:
+    """Write the INT8 model of `fp32` to `out`, its activation ranges calibrated on
+    `calibration`. With `options.fp32_sensitive`, returns the other convolutions ranked by
+    sensitivity, most first (`rank_convs`; the first `fp32_sensitive` stay FP32); a `ranking`
+    from an earlier call with the same photos and options is used instead of ranking again."""
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), _Calibration(calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
-                        activation_type=QuantType.QInt8 if options.symmetric_activations
-                        else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                        nodes_to_exclude=fp32_nodes(onnx.load(str(pre)), options),
-                        calibrate_method=CALIBRATION_METHODS[options.calibration],
-                        extra_options={"ActivationSymmetric": options.symmetric_activations,
-                                       "WeightSymmetric": True})
+        ranges = Path(tmp) / "ranges.json"  # calibrated once, reused by every trial model
+        keep = fp32_nodes(onnx.load(str(pre)), options)
+        if options.fp32_sensitive and ranking is None:
+            ranking = rank_convs(pre, calibration, ranges, keep, options)
+        ranking = ranking or []
+        _quantize(pre, out, calibration, ranges, keep + ranking[: options.fp32_sensitive],
+                  options)
+        return ranking
+
+
+def _quantize(pre: Path, out: Path, calibration: list[np.ndarray], ranges: Path,
+              keep: list[str], options: QuantOptions) -> None:
+    quantize_static(str(pre), str(out),
+                    None if ranges.is_file() else _Calibration(calibration),
+                    quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+                    activation_type=QuantType.QInt8 if options.symmetric_activations
+                    else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=keep,
+                    calibrate_method=CALIBRATION_METHODS[options.calibration],
+                    extra_options={"ActivationSymmetric": options.symmetric_activations,
+                                   "WeightSymmetric": True},
+                    calibration_cache_path=str(ranges))
+
+
+def score_divergence(reference: np.ndarray, scores: np.ndarray) -> float:
+    """Mean KL divergence of the product probabilities `scores` from `reference` (logits):
+    how far INT8 moves the model's answer, smooth where top-1 agreement only counts flips."""
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    p, q = log_softmax(reference.astype(np.float64)), log_softmax(scores.astype(np.float64))
+    return float(np.mean(np.sum(np.exp(p) * (p - q), 1)))
+
+
+def rank_convs(pre: Path, calibration: list[np.ndarray], ranges: Path, keep: list[str],
+               options: QuantOptions) -> list[str]:
+    """The convolutions not in `keep`, those whose INT8 error moves the product scores most
+    first. Each in turn is put back in FP32 and the INT8 model's scores on every
+    `SENSITIVITY_STRIDE`th calibration photo compared with FP32's (`score_divergence`): the
+    more its return brings the divergence down, the higher it ranks. Measured one at a time on
+    training photos, never on the validation photos the bundle is checked on."""
+    probe = calibration[::SENSITIVITY_STRIDE]
+    reference = infer_all(OrtEngine(pre, "fp32"), probe)["fine"]
+    trial = pre.with_name("trial.onnx")
+
+    def divergence(extra: list[str]) -> float:
+        _quantize(pre, trial, calibration, ranges, keep + extra, options)
+        return score_divergence(reference, infer_all(OrtEngine(trial, "int8"), probe)["fine"])
+
+    base = divergence([])
+    convs = [n.name for n in onnx.load(str(pre)).graph.node
+             if n.op_type == "Conv" and n.name not in keep]
+    gain = {c: base - divergence([c])
+            for c in tqdm(convs, desc="INT8 sensitivity", unit="conv", leave=False)}
+    ranking = sorted(convs, key=gain.__getitem__, reverse=True)
+    print(f"INT8 score divergence on {len(probe)} calibration photos: {base:.2e}; kept in "
+          f"FP32 as the most sensitive: {', '.join(ranking[: options.fp32_sensitive])}")
+    return ranking
 
 
 def calibration_subset(split: Split, count: int, num_classes: int) -> Split:
@@ -302,6 +367,8 @@ def export(cfg: ExportConfig) -> Bundle:
         raise ExportError(f"--tensorrt {cfg.tensorrt}: choose from {', '.join(TENSORRT_PATHS)}")
     if cfg.tensorrt == "torch2trt" and (problem := torch2trt_problem()):
         raise ExportError(f"--tensorrt torch2trt needs torch2trt and a CUDA GPU: {problem}")
+    if cfg.fp32_convs < 0 or cfg.fp32_sensitive < 0:
+        raise ExportError("--fp32-convs and --fp32-sensitive count convolutions: 0 or more")
     model, ckpt = load_checkpoint(cfg.checkpoint)
     if not 0.0 <= cfg.feature_weight < 1.0:
         raise ExportError(f"--feature-weight {cfg.feature_weight}: must be at least 0 and "
@@ -337,8 +404,9 @@ def export(cfg: ExportConfig) -> Bundle:
         runner = FlipAveraged(model) if cfg.flip else model
         export_onnx(runner, spec, fp32)
         print(f"calibrating INT8 on {len(calib)} training photos ({cfg.calibration})")
-        options = QuantOptions(calibration=cfg.calibration, fp32_convs=cfg.fp32_convs)
-        quantize_int8(fp32, int8, calib.images, options)
+        options = QuantOptions(calibration=cfg.calibration, fp32_convs=cfg.fp32_convs,
+                               fp32_sensitive=cfg.fp32_sensitive)
+        sensitive = quantize_int8(fp32, int8, calib.images, options)[: cfg.fp32_sensitive]
         if train is not None:
             print(f"averaging product features over {len(train)} training photos "
                   f"(feature weight {cfg.feature_weight})")
@@ -417,7 +485,8 @@ def export(cfg: ExportConfig) -> Bundle:
                                  "threshold": ATTRIBUTE_THRESHOLD}} if attribute_names else {}),
             },
             "models": {"fp32": fp32.name, "int8": int8.name},
-            "quantization": {**options.describe(), "calibration_photos": len(calib)},
+            "quantization": {**options.describe(), "calibration_photos": len(calib),
+                             **({"sensitive_convolutions": sensitive} if sensitive else {})},
             "metrics": metrics,
             "training": {"epochs": ckpt["epoch"], "data": str(cfg.data)},
             "test_time": "flip-average" if cfg.flip else "none",
