@@ -71,6 +71,7 @@ VARIANTS: list[tuple[str, QuantOptions, int]] = [
     ("1024 calibration photos", DEFAULT, 1024),
     ("int8 symmetric activations", replace(DEFAULT, symmetric_activations=True), 256),
     ("per-tensor weights", replace(DEFAULT, per_channel=False), 256),
+    ("first 4 convs FP32", replace(DEFAULT, fp32_convs=4), 256),  # last: keeps rows' numbers
 ]
 
 
