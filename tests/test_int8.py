@@ -58,6 +58,11 @@ def small_network(path: Path, lopsided_last: bool = False) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+def calibration_photos() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32) for _ in range(32)]
+
+
 def outputs(session: ort.InferenceSession, x: np.ndarray) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {"image": x}), strict=True))
@@ -66,8 +71,7 @@ def outputs(session: ort.InferenceSession, x: np.ndarray) -> dict[str, np.ndarra
 def test_fp32_layers_of_an_int8_model_run_in_fp32(tmp_path: Path) -> None:
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     small_network(fp32)
-    rng = np.random.default_rng(1)
-    photos = [rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32) for _ in range(32)]
+    photos = calibration_photos()
     # the depthwise convolution stays FP32 between two INT8 ones
     quantize_int8(fp32, int8, photos,
                   QuantOptions(fp32_convs=0, fp32_sensitive=0, fp32_depthwise=True))
@@ -91,8 +95,7 @@ def test_fp32_layers_of_an_int8_model_run_in_fp32(tmp_path: Path) -> None:
 def test_export_keeps_the_convolution_int8_hurts_most_in_fp32(tmp_path: Path) -> None:
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     small_network(fp32, lopsided_last=True)
-    rng = np.random.default_rng(1)
-    photos = [rng.uniform(-1, 1, (3, SIZE, SIZE)).astype(np.float32) for _ in range(32)]
+    photos = calibration_photos()
     options = QuantOptions(fp32_convs=0, fp32_sensitive=1)
     assert quantize_int8(fp32, int8, photos, options)[0] == "conv_c"  # ranked first
     assert options.describe()["fp32_layers"] == "the 1 most sensitive convolutions and the heads"
