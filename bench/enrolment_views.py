@@ -1,16 +1,19 @@
-"""Enrolment views: does enrolling zoomed centre crops of each photo help new products?
+"""Enrolment views: do extra views of each photo help new products?
 
     python bench/enrolment_views.py --checkpoint runs/bench-protocols/held-out/best.pt
 
-A catalog photo is a studio shot of the whole pack; a shop photo is closer and tighter. So a
-new product could be enrolled from each of its photos plus centre crops of it (0.8, 0.6 and
-0.45 of the side, each a reference of its own), to look more like what the camera will see.
-On protocol 2's held-out model (bench/protocols.py, trained with `--holdout`), exported as the
-kiosk gets it (INT8 bundle), each held-out product is enrolled from its catalog (iconic) photo
-or its first 5 training photos, without and with the crops; the trained products keep their
-catalog photo and prototype, as shipped. Tune: the other training photos of held-out products
-(never seen by the model, not enrolled); val: the held-out products' val photos, and the
-trained products' ones, whose top-1 is what extra references of new products can cost.
+A catalog photo is a studio shot of the whole pack on white; a shop photo is closer and
+tighter, and shows a hand or a crate of them. So a new product could be enrolled from each of
+its photos plus views of it, each a reference of its own, to look more like what the camera
+will see: centre crops (0.8, 0.6 and 0.45 of the side), or, for a studio photo, the kiosk's
+shop views (device/pipeline.py SHOP_VIEWS: the product cut out, alone or piled, on a dark
+backdrop; models/studio.py). On protocol 2's held-out model (bench/protocols.py, trained with
+`--holdout`), exported as the kiosk gets it (INT8 bundle), each held-out product is enrolled
+from its catalog (iconic) photo or its first 5 training photos, with each kind of view; the
+trained products keep their catalog photo and prototype, as shipped. Tune: the other training
+photos of held-out products (never seen by the model, not enrolled); val: the held-out
+products' val photos, and the trained products' ones, whose top-1 is what extra references of
+new products can cost.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from bench.protocols import (
     train_and_export,
 )
 from bench.report import write_section
+from device.pipeline import SHOP_VIEWS
 from models.preprocess import load_image
 from models.tables import format_markdown_table, format_table
 from trainer.config import FEATURE_WEIGHT, TrainConfig
@@ -92,17 +96,23 @@ def measure(checkpoint: Path, data: Path, out: Path, name: str) -> list[dict]:
             crops = {sku: [c for j, photo in enumerate(images[sku])
                            for c in centre_crops(photo, ZOOMS, work, f"{k}-{sku}-{j}")]
                      for sku in held}
-            for views, extra in (("photo as is", {}), (f"+ centre crops {ZOOMS}", crops)):
+            variants = [("photo as is", {}, 0), (f"+ centre crops {ZOOMS}", crops, 0)]
+            if source.startswith("catalog"):  # shop views are made of studio photos only
+                variants.append((f"+ {SHOP_VIEWS} shop views (shipped)", {}, SHOP_VIEWS))
+            for views, extra, shop in variants:
                 refs = {sku: images[sku] + extra.get(sku, []) for sku in held}
                 catalog = known + [replace(products[sku], images=refs[sku]) for sku in held]
                 key = str(len(rows))
-                tune_top1, *_ = search(tune_kiosk.use_catalog(key, catalog), tune_kiosk,
-                                       [t for _, t in tune], "all products")
-                val_top1, *_ = search(val_kiosk.use_catalog(key, catalog), val_kiosk,
+                tune_matcher = tune_kiosk.use_catalog(key, catalog, shop)
+                tune_top1, *_ = search(tune_matcher, tune_kiosk, [t for _, t in tune],
+                                       "all products")
+                val_top1, *_ = search(val_kiosk.use_catalog(key, catalog, shop), val_kiosk,
                                       val_truth, "all products")
+                owners = [tune_matcher.products[i] for i in tune_matcher.owner]
+                per_product = np.isin(owners, list(held)).sum() / len(held)
                 rows.append({"checkpoint": str(checkpoint), "enrolled from": source,
                              "views": views,
-                             "references per product": np.mean([len(r) for r in refs.values()]),
+                             "references per product": per_product,
                              "tune: new top-1": tune_top1.mean(),
                              "val: new top-1": val_top1[is_new].mean(),
                              "val: known top-1": val_top1[~is_new].mean(),
@@ -123,7 +133,8 @@ def main() -> None:
             for row in measure(checkpoint, args.data, args.out, f"held-out-bundle-{i}")]
     print(format_table(rows, COLUMNS))
     if not args.no_docs:
-        write_section("enrolment-views", "Enrolment views: zoomed centre crops of new photos",
+        write_section("enrolment-views",
+                      "Enrolment views: centre crops and shop views of new photos",
                       "Held-out models (bench/protocols.py's products held out of training), "
                       "INT8 bundles, search of all products. Tune: training photos of held-out "
                       "products not enrolled; val: the val photos of held-out products (new) "

@@ -39,7 +39,7 @@ from bench.report import write_section
 from device.catalog import Catalog, Product
 from device.engines import open_engine
 from device.matcher import Matcher, hash_recall
-from device.pipeline import Pipeline
+from device.pipeline import SHOP_VIEWS, Pipeline
 from models.bundle import Bundle
 from models.preprocess import load_image, prepare
 from models.tables import format_markdown_table, format_table
@@ -103,11 +103,13 @@ class Kiosk:
         self.embeddings = np.concatenate([o["embedding"] for o in out])
         self.coarse = np.concatenate([o["coarse"] for o in out])
 
-    def use_catalog(self, name: str, products: list[Product]) -> Matcher:
-        """The matcher of a fresh catalog holding `products` (reference photos embedded)."""
+    def use_catalog(self, name: str, products: list[Product], shop_views: int = SHOP_VIEWS
+                    ) -> Matcher:
+        """The matcher of a fresh catalog holding `products` (reference photos embedded, with
+        `shop_views` per studio photo of an untrained product, as the kiosk does)."""
         catalog = Catalog(self.work / name / "catalog.db")
         catalog.upsert(products)
-        return Pipeline(self.bundle, self.engine, catalog).matcher
+        return Pipeline(self.bundle, self.engine, catalog, shop_views=shop_views).matcher
 
     def scores(self, matcher: Matcher) -> np.ndarray:
         """[val photos, products] best similarity per catalog product."""

@@ -3,7 +3,9 @@
 One SQLite file (WAL, so the kiosk reads while an import writes) plus a media folder beside it
 holding the catalog's own copies of reference photos, so a catalog survives its source USB
 stick or download folder. Reference embeddings are stored per model (the bundle's key): a new
-model recomputes them, and switching back to an older model finds its own still there.
+model recomputes them, and switching back to an older model finds its own still there. A row's
+`image` is the photo's path in the media folder, or `<path>#shop-N` for the pipeline's N-th shop
+view of that photo (device/pipeline.py), which goes wherever the photo's row goes.
 Products may carry attribute labels (colour, pattern, ...), stored as a JSON list; a catalog
 written before they existed gains the column when opened (schema version 2).
 

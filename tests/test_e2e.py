@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, TrainedDemo, copy_catalog, storyscan
@@ -110,6 +111,45 @@ def test_new_bundle_gets_its_own_reference_embeddings(trained_demo: TrainedDemo,
     assert Catalog(db).missing_embeddings(new.key) == []
     assert len(Catalog(db).missing_embeddings(old.key)) == 0
     assert len(pipeline.matcher) == 12
+
+
+def test_studio_photo_of_an_untrained_product_gets_shop_views(trained_demo: TrainedDemo,
+                                                              tmp_path: Path) -> None:
+    """A new product's catalog photo (product on white) is matched as the photo and as shop
+    views of it; a trained product's, which has its prototype, and a shop photo get none."""
+    import cv2
+
+    from device.catalog import Catalog, Product
+    from device.pipeline import SHOP_VIEWS, Pipeline
+    from models.bundle import load_bundle
+    from tests.test_studio import studio_photo
+
+    db = copy_catalog(trained_demo, tmp_path)
+    studio = tmp_path / "carton.png"
+    cv2.imwrite(str(studio), studio_photo())
+    shop = next((trained_demo.data / "scans").rglob("*.jpg"))
+    catalog = Catalog(db)
+    trained = catalog.skus()[0]
+    catalog.upsert([Product("JUI-001", "Green Carton", "juice", images=[str(studio)]),
+                    Product("JUI-002", "Shelf Carton", "juice", images=[str(shop)])])
+    catalog.add_photos(trained, [studio])
+    key = load_bundle(trained_demo.bundle).key
+
+    pipeline = Pipeline.open(trained_demo.bundle, db)
+    skus, vectors = Catalog(db).embeddings(key)
+    assert skus.count("JUI-001") == 1 + SHOP_VIEWS
+    assert skus.count("JUI-002") == 1 and skus.count(trained) == 2  # catalog photo + studio
+    assert len(pipeline.matcher) == 14
+    new = vectors[[i for i, s in enumerate(skus) if s == "JUI-001"]]
+    assert len(np.unique(new.round(4), axis=0)) == 1 + SHOP_VIEWS  # each view its own
+    result = pipeline.recognize(studio_photo())
+    assert result.sku == "JUI-001" and result.similarity > 0.99
+
+    (tmp_path / "off").mkdir()
+    db_off = copy_catalog(trained_demo, tmp_path / "off")
+    Catalog(db_off).upsert([Product("JUI-001", "Green Carton", "juice", images=[str(studio)])])
+    Pipeline.open(trained_demo.bundle, db_off, shop_views=0)
+    assert Catalog(db_off).embeddings(key)[0].count("JUI-001") == 1
 
 
 def test_kiosk_side_runs_without_torch(trained_demo: TrainedDemo) -> None:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from models.preprocess import InputSpec, normalize
+from models.studio import random_shop_view
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
@@ -67,9 +68,13 @@ def random_erasing(img: np.ndarray, rng: np.random.Generator,
 
 
 def augment(img: np.ndarray, spec: InputSpec, rng: np.random.Generator,
-            erasing: float = 0.0) -> np.ndarray:
+            erasing: float = 0.0, shop: float = 0.0) -> np.ndarray:
     """One random training view of an RGB photo, as the network's float input; `erasing` is
-    the chance of a random-erasing box."""
+    the chance of a random-erasing box, `shop` the chance that a studio photo is first made a
+    shop view (models/studio.py)."""
+    if shop and rng.random() < shop:
+        view = random_shop_view(img, rng)
+        img = img if view is None else view
     x = random_resized_crop(img, spec.size, rng)
     if rng.random() < 0.5:
         x = x[:, ::-1]

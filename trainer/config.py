@@ -70,6 +70,9 @@ class TrainConfig:
     # New products from their catalog photo +12.8 +- 2.9 pp, unknown AUROC +2.0 pp, kiosk
     # matcher +3.2 pp, training +23 % (bench/seeds.py, 3 seeds, efficientnet_lite0 160 px)
     catalog_loss: float = 1.0
+    # chance that a training view of a studio catalog photo is first made a shop view: the
+    # product cut out and placed, alone or piled, on a dark backdrop (models/studio.py)
+    shop_views: float = 0.0
     holdout: str = ""  # comma-separated products left out entirely (enrolment experiments)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = all cores
