@@ -138,7 +138,18 @@ def main() -> None:
                       "Held-out models (bench/protocols.py's products held out of training), "
                       "INT8 bundles, search of all products. Tune: training photos of held-out "
                       "products not enrolled; val: the val photos of held-out products (new) "
-                      "and of trained ones (known).\n\n" + format_markdown_table(rows, COLUMNS))
+                      "and of trained ones (known).\n\n"
+                      + "".join(f"- `{c}`: {trained_with(c)}\n" for c in args.checkpoint)
+                      + "\n" + format_markdown_table(rows, COLUMNS))
+
+
+def trained_with(checkpoint: Path) -> str:
+    """A checkpoint's training options that differ from the defaults, and its epoch."""
+    ckpt = read_checkpoint(checkpoint)
+    config = ckpt["config"]
+    options = [f"{k}={v}" for k, v in config.items()
+               if k not in ("data", "out", "holdout") and getattr(TrainConfig, k, None) != v]
+    return f"{', '.join(options)}; epoch {ckpt['epoch']} of {config['epochs']}"
 
 
 if __name__ == "__main__":
