@@ -32,9 +32,9 @@ from tqdm import tqdm
 from device.catalog import Catalog
 from device.engines import Engine, open_engine
 from device.matcher import Match, Matcher
+from models import studio
 from models.bundle import ATTRIBUTES, Bundle, load_bundle, logit
 from models.preprocess import ImageError, load_image, prepare
-from models.studio import shop_views
 
 # shop views embedded per studio reference photo of a product the bundle was not trained on.
 # Lite2 260 px held-out model, 20 new products enrolled from their catalog photo: 8 views took
@@ -110,7 +110,7 @@ class Pipeline:
             except ImageError as e:
                 print(f"warning: {e} (reference photo skipped)")
                 continue
-            views = [] if sku in trained else shop_views(image, self.shop_views)
+            views = [] if sku in trained else studio.shop_views(image, self.shop_views)
             vectors = self.embed([image, *views])
             rows += [(sku, path, vectors[0])] + [
                 (sku, Path(f"{path}#shop-{i}"), v) for i, v in enumerate(vectors[1:], 1)]

@@ -39,7 +39,7 @@ def studio_mask(img: np.ndarray) -> np.ndarray | None:
     _, label = cv2.connectedComponents(near, connectivity=4)
     edge = np.unique(np.concatenate([label[0], label[-1], label[:, 0], label[:, -1]]))
     background = np.isin(label, edge) & (near > 0)
-    if background.mean() < MIN_BACKGROUND or background.all():
+    if background.mean() < MIN_BACKGROUND:
         return None
     product = cv2.morphologyEx((~background).astype(np.uint8), cv2.MORPH_OPEN,
                                np.ones((3, 3), np.uint8))
