@@ -6,8 +6,9 @@ A catalog photo is a studio shot of the whole pack on white; a shop photo is clo
 tighter, and shows a hand or a crate of them. So a new product could be enrolled from each of
 its photos plus views of it, each a reference of its own, to look more like what the camera
 will see: centre crops (0.8, 0.6 and 0.45 of the side), or, for a studio photo, the kiosk's
-shop views (device/pipeline.py SHOP_VIEWS: the product cut out, alone or piled, on a dark
-backdrop; models/studio.py). On protocol 2's held-out model (bench/protocols.py, trained with
+shop views (device/pipeline.py SHOP_VIEWS: the product cut out and held alone on a dark
+backdrop; models/studio.py) or as many views that pile copies of it, as in a crate (the
+kiosk's views before). On protocol 2's held-out model (bench/protocols.py, trained with
 `--holdout`), exported as the kiosk gets it (INT8 bundle), each held-out product is enrolled
 from its catalog (iconic) photo or its first 5 training photos, with each kind of view; the
 trained products keep their catalog photo and prototype, as shipped. Tune: the other training
@@ -40,6 +41,7 @@ from bench.protocols import (
 from bench.report import write_section
 from device.pipeline import SHOP_VIEWS
 from models.preprocess import load_image
+from models.studio import shop_views
 from models.tables import format_markdown_table, format_table
 from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.ingest import catalog_products, read_layout
@@ -50,20 +52,26 @@ COLUMNS = ["checkpoint", "enrolled from", "views", "references per product", "tu
            "val: new top-1", "val: known top-1", "val: all top-1"]
 
 
-def centre_crops(photo: str, zooms: tuple[float, ...], folder: Path, name: str) -> list[str]:
-    """PNG files (lossless) `folder/name-zoom.png` of centred crops of `photo`, each `zoom` of
-    its height and width."""
+def write_views(views: list[np.ndarray], folder: Path, name: str) -> list[str]:
+    """PNG files (lossless) `folder/name-i.png` of RGB `views`: extra reference photos."""
+    paths = []
+    for i, view in enumerate(views):
+        path = folder / f"{name}-{i}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(view, cv2.COLOR_RGB2BGR))
+        paths.append(str(path))
+    return paths
+
+
+def centre_crops(photo: str, zooms: tuple[float, ...]) -> list[np.ndarray]:
+    """Centred crops of `photo`, each `zoom` of its height and width."""
     img = load_image(photo)
     h, w = img.shape[:2]
-    paths = []
+    crops = []
     for zoom in zooms:
         ch, cw = round(h * zoom), round(w * zoom)
         top, left = (h - ch) // 2, (w - cw) // 2
-        path = folder / f"{name}-{zoom}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(img[top : top + ch, left : left + cw],
-                                            cv2.COLOR_RGB2BGR))
-        paths.append(str(path))
-    return paths
+        crops.append(img[top : top + ch, left : left + cw])
+    return crops
 
 
 def measure(checkpoint: Path, data: Path, out: Path, name: str) -> list[dict]:
@@ -94,11 +102,19 @@ def measure(checkpoint: Path, data: Path, out: Path, name: str) -> list[dict]:
         val_kiosk = Kiosk(bundle, work / "val", val.paths)
         for k, (source, images) in enumerate(sources.items()):
             crops = {sku: [c for j, photo in enumerate(images[sku])
-                           for c in centre_crops(photo, ZOOMS, work, f"{k}-{sku}-{j}")]
+                           for c in write_views(centre_crops(photo, ZOOMS), work,
+                                                f"crop-{k}-{sku}-{j}")]
                      for sku in held}
             variants = [("photo as is", {}, 0), (f"+ centre crops {ZOOMS}", crops, 0)]
             if source.startswith("catalog"):  # shop views are made of studio photos only
-                variants.append((f"+ {SHOP_VIEWS} shop views (shipped)", {}, SHOP_VIEWS))
+                piles = {sku: [v for j, photo in enumerate(images[sku])
+                               for v in write_views(shop_views(load_image(photo), SHOP_VIEWS,
+                                                               piles=True),
+                                                    work, f"piles-{k}-{sku}-{j}")]
+                         for sku in held}
+                variants += [(f"+ {SHOP_VIEWS} shop views, alone or piled (before)", piles, 0),
+                             (f"+ {SHOP_VIEWS} shop views, held alone (shipped)", {},
+                              SHOP_VIEWS)]
             for views, extra, shop in variants:
                 refs = {sku: images[sku] + extra.get(sku, []) for sku in held}
                 catalog = known + [replace(products[sku], images=refs[sku]) for sku in held]

@@ -115,10 +115,10 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     table = [ln.split("best.pt", 1)[1] for ln in result.stdout.splitlines() if "best.pt" in ln]
-    assert len(table) == 5  # 2 sources x (as is, + crops), catalog photo + shop views
-    # references per product (catalog photo: as is, with crops, with shop views; then 5
-    # training photos: as is, with crops)
-    assert [float(row.split()[-5]) for row in table] == [1, 4, 1, 5, 20]
+    assert len(table) == 6  # 2 sources x (as is, + crops), catalog photo + 2 kinds of views
+    # references per product (catalog photo: as is, with crops, with piled and with held shop
+    # views, none; then 5 training photos: as is, with crops)
+    assert [float(row.split()[-5]) for row in table] == [1, 4, 1, 1, 5, 20]
     for row in table:  # all val photos' top-1 lies between the new and the known ones'
         new, known, every = map(float, row.split()[-3:])
         assert min(new, known) - 1e-3 <= every <= max(new, known) + 1e-3

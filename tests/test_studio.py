@@ -40,17 +40,27 @@ def test_a_shop_photo_has_no_shop_views() -> None:
     assert shop_views(np.full((50, 50, 3), 255, np.uint8), 4) == []  # white, no product
 
 
-def test_views_show_the_product_on_a_dark_backdrop_and_are_reproducible() -> None:
-    views = shop_views(studio_photo(), 4)
-    assert [v.shape for v in views] == [(SIDE, SIDE, 3)] * 4
-    assert all((a == b).all() for a, b in zip(views, shop_views(studio_photo(), 4), strict=True))
+def green_share(view: np.ndarray) -> float:
+    return float((np.abs(view.astype(int) - GREEN).max(axis=2) < 40).mean())
+
+
+def test_views_show_the_product_held_alone_on_a_dark_backdrop_and_are_reproducible() -> None:
+    views = shop_views(studio_photo(), 8)
+    assert [v.shape for v in views] == [(SIDE, SIDE, 3)] * 8
+    assert all((a == b).all() for a, b in zip(views, shop_views(studio_photo(), 8), strict=True))
     for i, view in enumerate(views):
-        green = (np.abs(view.astype(int) - GREEN).max(axis=2) < 40).mean()
+        # one carton, close up: a good part of the view, never a crate's worth of them
+        assert 0.1 < green_share(view) < 0.6, (i, green_share(view))
+        # the label only (close up, up to 15% of the view): no studio white left around it
         white = (view.min(axis=2) >= 248).mean()
-        # held alone it fills a good part of the view; piled, most of it
-        assert green > (0.15 if i == 0 else 0.4), (i, green)
-        assert white < 0.1, (i, white)  # the label only: no studio white left around it
+        assert white < 0.2, (i, white)
     assert (views[1] != views[2]).any()
+
+
+def test_piled_views_fill_the_view_with_copies() -> None:
+    views = shop_views(studio_photo(), 8, piles=True)
+    for i, view in enumerate(views):  # every 4th held alone, the others piles of 2-4 across
+        assert green_share(view) > (0.1 if i % 4 == 0 else 0.6), (i, green_share(view))
 
 
 def test_training_views_of_a_studio_photo_can_be_shop_views() -> None:
