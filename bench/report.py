@@ -22,14 +22,27 @@ HEADER = ("# Benchmarks\n\nEvery number here is written by a script in `bench/`;
           "command to check it.\n")
 
 
+# x86 instruction sets that change INT8 and bf16 results or speed, best first: without VNNI
+# ONNX Runtime's INT8 kernels sum in int16 (see trainer/export.py QuantOptions.reduce_range)
+SIMD = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+        ("avx512f", "AVX-512, no VNNI"), ("avx2", "AVX2, no VNNI"))
+
+
 def cpu_model() -> str:
+    """The CPU's name, and on x86 its best INT8 instruction set and whether it has bf16, since
+    machines of the same name here differ in them."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")),
+                     []))
+    simd = next((label for flag, label in SIMD if flag in flags), None)
+    if simd is None:
+        return name
+    return f"{name} ({simd}{', bf16' if 'avx512_bf16' in flags or 'amx_bf16' in flags else ''})"
 
 
 def gpu() -> str | None:

@@ -1,19 +1,20 @@
-"""Shop-like views of a studio product photo: the product cut off its white background and
-placed, held alone or (for training) as a pile of copies, on a dark backdrop.
+"""Shop-like views of a studio product photo: the product cut off its white or light grey
+backdrop and placed, held alone or (for training) as a pile of copies, on a dark one.
 
-A catalog photo is one product, centred, on plain white; the kiosk's camera sees the product
-in a hand, or a crate of them, against whatever is behind. A product enrolled from its catalog
-photo alone is matched against that one studio shot, and shop photos of it often land nearer
-some trained product's prototype. Adding a few of these views as extra references brings its
-references closer to what the camera sees (bench/enrolment_views.py measures how much). The
-kiosk's views hold the product alone, close up and often cut off by the edge: on two Lite2
-held-out models they found new products' other training photos 2.0 and 2.4 pp more often than
-views that also pile copies as in a crate, and trained products lost nothing (val top-1 +0.9
-and +1.3 pp). Piles stay for training (`storyscan train --shop-views`), as measured there.
+A catalog photo is one product, centred, on plain white or a light grey sweep; the kiosk's
+camera sees the product in a hand, or a crate of them, against whatever is behind. A product
+enrolled from its catalog photo alone is matched against that one studio shot, and shop photos
+of it often land nearer some trained product's prototype. Adding a few of these views as extra
+references brings its references closer to what the camera sees (bench/enrolment_views.py
+measures how much). The kiosk's views hold the product alone, close up and often cut off by the
+edge: on two Lite2 held-out models they found new products' other training photos 1.6 and 2.0
+pp more often than views that also pile copies as in a crate, and trained products lost nothing
+(val top-1 +0.9 pp on both). Piles stay for training (`storyscan train --shop-views`), as
+measured there.
 
 Only numpy and OpenCV, and deterministic for a given photo and seed: every kiosk computes the
 same references, and the trainer can draw random ones. A photo that is not a studio shot (no
-white border around the product) has no shop views.
+light grey or white border around the product) has no shop views.
 
     >>> views = shop_views(load_image("Granny-Smith_Iconic.jpg"), 4)
     >>> [v.shape for v in views]
@@ -25,20 +26,42 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-WHITE = 248  # a background pixel: every channel at least this (studio white, JPEG noise aside)
-MIN_WHITE_BORDER = 0.7  # share of the photo's border that must be white: the product is inside
-MIN_BACKGROUND = 0.2  # share of the photo that must be white background around the product
+LIGHT = 200  # a studio backdrop is light: every channel at least this on the border...
+NEUTRAL = 24  # ...and grey, not coloured: channels at most this apart
+BACKDROP_TOLERANCE = 8  # a backdrop pixel: every channel this near the fitted backdrop
+MIN_BORDER = 0.7  # share of the photo's border that must be backdrop: the product is inside
+MIN_BACKGROUND = 0.2  # share of the photo that must be backdrop around the product
 SIDE = 384  # pixels of a view's side: more than any network input, less than a camera frame
 PER_ROW = (1, 2, 3, 4)  # copies across a piled view, cycled: alone, then ever denser piles
 
 
+def _near_backdrop(img: np.ndarray) -> np.ndarray | None:
+    """Pixels (uint8 0/1) of the backdrop's colour, or None when the photo's border is not a
+    light grey backdrop. A studio sweep is white or light grey and often shades from top to
+    bottom, so the backdrop is a plane per channel fitted to the border: pure white is the
+    plane 255, and a 246 -> 229 sweep is found as well as it."""
+    h, w = img.shape[:2]
+    ys = np.concatenate([np.zeros(w, int), np.full(w, h - 1), np.arange(h), np.arange(h)])
+    xs = np.concatenate([np.arange(w), np.arange(w), np.zeros(h, int), np.full(h, w - 1)])
+    border = img[ys, xs].astype(np.float32)
+    light = (border.min(axis=1) >= LIGHT) & (np.ptp(border, axis=1) <= NEUTRAL)
+    if light.mean() < MIN_BORDER:
+        return None
+    at = np.stack([np.ones(light.sum()), xs[light] / w, ys[light] / h], axis=1)
+    (c0, cx, cy), *_ = np.linalg.lstsq(at, border[light], rcond=None)
+    gx = (np.arange(w, dtype=np.float32) / w)[None, :, None]
+    gy = (np.arange(h, dtype=np.float32) / h)[:, None, None]
+    backdrop = np.minimum(c0 + gx * cx + gy * cy, 255)
+    return (np.abs(img - backdrop).max(axis=2) <= BACKDROP_TOLERANCE).astype(np.uint8)
+
+
 def studio_mask(img: np.ndarray) -> np.ndarray | None:
-    """The product's pixels (uint8 0/1, holes filled) in an RGB photo of it on white, or None
-    when the photo is not such a shot: white connected to the border is background; white
-    enclosed by the product (a milk carton's label) stays product."""
-    near = (img.min(axis=2) >= WHITE).astype(np.uint8)
-    border = np.concatenate([near[0], near[-1], near[:, 0], near[:, -1]])
-    if border.mean() < MIN_WHITE_BORDER:
+    """The product's pixels (uint8 0/1, holes filled) in an RGB photo of it on a white or
+    light grey backdrop, or None when the photo is not such a shot: backdrop connected to the
+    border is background; backdrop colour enclosed by the product (a milk carton's white
+    label) stays product."""
+    near = _near_backdrop(img)
+    if near is None:
         return None
     _, label = cv2.connectedComponents(near, connectivity=4)
     edge = np.unique(np.concatenate([label[0], label[-1], label[:, 0], label[:, -1]]))

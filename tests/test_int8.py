@@ -14,6 +14,11 @@ from device.engines.ort import OrtEngine
 from trainer.export import QuantOptions, quantize_int8, score_divergence
 
 SIZE = 16
+# 7-bit weights in these tests: on a CPU without VNNI (AVX2 only) ONNX Runtime sums pairs of
+# uint8 x int8 products in int16, which 8-bit weights can saturate (this network's: its
+# embedding 15% of its range off the graph as written, and conv_a ranked most sensitive), an
+# error of that CPU's kernel and not of what is tested; 7 bits cannot saturate anywhere
+EXACT = {"reduce_range": True}
 
 
 def small_network(path: Path, lopsided_last: bool = False) -> None:
@@ -74,7 +79,7 @@ def test_fp32_layers_of_an_int8_model_run_in_fp32(tmp_path: Path) -> None:
     photos = calibration_photos()
     # the depthwise convolution stays FP32 between two INT8 ones
     quantize_int8(fp32, int8, photos,
-                  QuantOptions(fp32_convs=0, fp32_sensitive=0, fp32_depthwise=True))
+                  QuantOptions(fp32_convs=0, fp32_sensitive=0, fp32_depthwise=True, **EXACT))
     x = np.stack(photos[:8])
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -96,7 +101,7 @@ def test_export_keeps_the_convolution_int8_hurts_most_in_fp32(tmp_path: Path) ->
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     small_network(fp32, lopsided_last=True)
     photos = calibration_photos()
-    options = QuantOptions(fp32_convs=0, fp32_sensitive=1)
+    options = QuantOptions(fp32_convs=0, fp32_sensitive=1, **EXACT)
     assert quantize_int8(fp32, int8, photos, options)[0] == "conv_c"  # ranked first
     assert options.describe()["fp32_layers"] == "the 1 most sensitive convolutions and the heads"
     graph = onnx.load(str(int8)).graph
@@ -108,7 +113,8 @@ def test_export_keeps_the_convolution_int8_hurts_most_in_fp32(tmp_path: Path) ->
     x = np.stack(photos)
     reference = OrtEngine(fp32, "fp32").infer(x)["fine"]
     all_int8 = tmp_path / "all.onnx"
-    quantize_int8(fp32, all_int8, photos, QuantOptions(fp32_convs=0, fp32_sensitive=0))
+    quantize_int8(fp32, all_int8, photos,
+                  QuantOptions(fp32_convs=0, fp32_sensitive=0, **EXACT))
     assert score_divergence(reference, OrtEngine(int8, "int8").infer(x)["fine"]) < \
         score_divergence(reference, OrtEngine(all_int8, "int8").infer(x)["fine"]) / 2
 

@@ -106,8 +106,8 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
         assert abs(100 * (float(val) - float(tune)) - float(gap)) <= 0.6
 
     # bench/enrolment_views.py: each enrolment photo adds its 3 centre crops as references;
-    # the kiosk's shop views are made of photos on white only, which the synthetic shop's
-    # light grey studio is not
+    # each studio photo (the synthetic shop's catalog photos, on a light grey sweep) 8 shop
+    # views
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "enrolment_views.py"), "--data", tmp_path / "data",
          "--checkpoint", tmp_path / "runs" / "held-out" / "best.pt", "--out",
@@ -117,8 +117,8 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     table = [ln.split("best.pt", 1)[1] for ln in result.stdout.splitlines() if "best.pt" in ln]
     assert len(table) == 6  # 2 sources x (as is, + crops), catalog photo + 2 kinds of views
     # references per product (catalog photo: as is, with crops, with piled and with held shop
-    # views, none; then 5 training photos: as is, with crops)
-    assert [float(row.split()[-5]) for row in table] == [1, 4, 1, 1, 5, 20]
+    # views; then 5 training photos, no studio shots: as is, with crops)
+    assert [float(row.split()[-5]) for row in table] == [1, 4, 9, 9, 5, 20]
     for row in table:  # all val photos' top-1 lies between the new and the known ones'
         new, known, every = map(float, row.split()[-3:])
         assert min(new, known) - 1e-3 <= every <= max(new, known) + 1e-3

@@ -31,6 +31,18 @@ def test_the_product_and_its_white_label_are_found_the_background_is_not() -> No
     assert (mask != carton).mean() < 0.01
 
 
+def test_a_light_grey_sweep_is_a_studio_backdrop_a_coloured_or_dark_one_is_not() -> None:
+    """Catalog photos are often shot on a grey paper sweep that shades from top to bottom."""
+    white = studio_photo() > 250  # the backdrop, and the label it encloses
+    sweep = np.linspace(246, 229, 200)[:, None, None] * np.ones((200, 200, 3))
+    photo = np.where(white, sweep, studio_photo()).astype(np.uint8)
+    mask = studio_mask(photo)
+    assert mask is not None and (mask != (studio_mask(studio_photo()))).mean() < 0.01
+    assert len(shop_views(photo, 2)) == 2
+    for wall in ((250, 220, 180), (120, 120, 120)):  # a peach or a mid-grey wall: no studio
+        assert studio_mask(np.where(white, np.array(wall), photo).astype(np.uint8)) is None
+
+
 def test_a_shop_photo_has_no_shop_views() -> None:
     rng = np.random.default_rng(0)
     shelf = rng.integers(0, 200, (200, 200, 3), dtype=np.uint8)  # no white border

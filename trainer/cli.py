@@ -139,8 +139,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="weight of classifying each view against the embeddings of the "
                         "products' catalog photos (the enrol-from-catalog-photo task; 0: off)")
     p.add_argument("--shop-views", type=float, default=TrainConfig.shop_views,
-                   help="chance that a view of a studio catalog photo (product on white) is "
-                        "first made a shop view: cut out, alone or piled, on a dark backdrop")
+                   help="chance that a view of a studio catalog photo (product on white or light "
+                        "grey) is first made a shop view: cut out, alone or piled, on a dark "
+                        "backdrop")
     p.add_argument("--attribute-weight", type=float, default=TrainConfig.attribute_weight,
                    help="weight of the attribute head's loss when the catalog has attribute "
                         "labels (0: no attribute head)")

@@ -132,6 +132,11 @@ class QuantOptions:
     # kernels (bench/int8_fidelity.py); symmetric int8 is the form TensorRT needs
     symmetric_activations: bool = False
     per_channel: bool = True  # one weight scale per output channel
+    # weights in 7 bits (-64..63). On x86 CPUs without VNNI (AVX2 only, e.g. AMD Zen 1-3)
+    # ONNX Runtime multiplies uint8 activations by int8 weights in pairs summed into int16,
+    # which can saturate with 8-bit weights and cannot with 7; but on a Lite2 model, on such a
+    # CPU, 7 bits lost 2.3 pp top-1 where saturation cost none (bench/int8_fidelity.py): off
+    reduce_range: bool = False
     fp32_convs: int = FP32_CONVS  # leading convolutions kept in FP32 (where INT8 hurts most)
     # and the N later convolutions whose INT8 error moves the product scores most
     # (rank_convs: measured on calibration photos, one at a time)
@@ -147,7 +152,8 @@ class QuantOptions:
                    if self.fp32_sensitive else [])
                 + (["depthwise convolutions"] if self.fp32_depthwise else []))
         return {"format": "QDQ",
-                "weights": f"int8 {'per-channel' if self.per_channel else 'per-tensor'} symmetric",
+                "weights": f"int{7 if self.reduce_range else 8} "
+                           f"{'per-channel' if self.per_channel else 'per-tensor'} symmetric",
                 "activations": "int8 symmetric" if self.symmetric_activations
                 else "uint8 asymmetric",
                 "calibration": self.calibration,
@@ -196,7 +202,7 @@ def _quantize(pre: Path, out: Path, calibration: list[np.ndarray], ranges: Path,
                     quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
                     activation_type=QuantType.QInt8 if options.symmetric_activations
                     else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, reduce_range=options.reduce_range,
                     nodes_to_exclude=keep,
                     calibrate_method=CALIBRATION_METHODS[options.calibration],
                     extra_options={"ActivationSymmetric": options.symmetric_activations,
