@@ -28,11 +28,11 @@ SIMD = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-
         ("avx512f", "AVX-512, no VNNI"), ("avx2", "AVX2, no VNNI"))
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's name, and on x86 its best INT8 instruction set and whether it has bf16, since
-    machines of the same name here differ in them."""
+    machines of the same name here differ in them (`cpuinfo`: /proc/cpuinfo's text)."""
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
+        info = (Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo).splitlines()
     except OSError:
         return platform.processor() or platform.machine()
     name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
