@@ -48,11 +48,15 @@ def _near_backdrop(img: np.ndarray) -> np.ndarray | None:
     if light.mean() < MIN_BORDER:
         return None
     at = np.stack([np.ones(light.sum()), xs[light] / w, ys[light] / h], axis=1)
-    (c0, cx, cy), *_ = np.linalg.lstsq(at, border[light], rcond=None)
-    gx = (np.arange(w, dtype=np.float32) / w)[None, :, None]
-    gy = (np.arange(h, dtype=np.float32) / h)[:, None, None]
-    backdrop = np.minimum(c0 + gx * cx + gy * cy, 255)
-    return (np.abs(img - backdrop).max(axis=2) <= BACKDROP_TOLERANCE).astype(np.uint8)
+    coefficients, *_ = np.linalg.lstsq(at, border[light], rcond=None)
+    c0, cx, cy = coefficients.astype(np.float32)  # float32 throughout: big photos stay small
+    gx = (np.arange(w, dtype=np.float32) / w)[None, :]
+    gy = (np.arange(h, dtype=np.float32) / h)[:, None]
+    off = np.zeros((h, w), np.float32)  # channel by channel
+    for c in range(3):
+        backdrop = np.minimum(c0[c] + gx * cx[c] + gy * cy[c], 255)
+        np.maximum(off, np.abs(img[..., c] - backdrop), out=off)
+    return (off <= BACKDROP_TOLERANCE).astype(np.uint8)
 
 
 def studio_mask(img: np.ndarray) -> np.ndarray | None:
