@@ -31,12 +31,13 @@ SIMD = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's name, and on x86 its best INT8 instruction set and whether it has bf16, since
     machines of the same name here differ in them (`cpuinfo`: /proc/cpuinfo's text)."""
+    fallback = platform.processor() or platform.machine()
     try:
         info = (Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo).splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
+        return fallback
     name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
-                platform.processor() or platform.machine())
+                fallback)
     flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")),
                      []))
     simd = next((label for flag, label in SIMD if flag in flags), None)
