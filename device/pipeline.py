@@ -1,8 +1,9 @@
 """From a photo to a recognised product: preprocess -> engine -> match -> result.
 
 The pipeline binds one verified bundle, its engine and the catalog. Opening it makes sure every
-reference photo in the catalog has an embedding under this bundle (a new model recomputes
-them), then builds the in-memory matcher.
+reference photo in the catalog has an embedding under this bundle and its shop views (a new
+model, or views drawn another way after a software update, recomputes them), then builds the
+in-memory matcher.
 
 A product the bundle was not trained on has no prototype, only its reference photos; each of
 those that is a studio shot (the product on white or light grey, as catalog photos are) is
@@ -43,6 +44,13 @@ from models.preprocess import ImageError, load_image, prepare
 SHOP_VIEWS = 8
 
 
+def references_key(bundle_key: str, shop_views: int) -> str:
+    """What the catalog stores reference embeddings under: the exact model and the shop views
+    made with it, so a new bundle, another number of views or views drawn another way (a
+    software update) embeds the references again rather than mixing in stale ones."""
+    return f"{bundle_key}+{shop_views}x{studio.KIOSK_VIEWS}"
+
+
 @dataclass
 class ScanResult:
     source: str
@@ -71,6 +79,7 @@ class Pipeline:
         `shop_views`: per studio photo of an untrained product, when first embedded."""
         self.bundle, self.engine, self.catalog = bundle, engine, catalog
         self.shop_views = shop_views
+        self.references_key = references_key(bundle.key, shop_views)
         self.spec = bundle.input_spec
         if threshold is None:
             threshold = bundle.unknown_threshold
@@ -101,7 +110,7 @@ class Pipeline:
     def update_embeddings(self, progress: bool = False) -> int:
         """Embed the catalog's reference photos this bundle has not seen (and an untrained
         product's shop views of them); returns how many photos."""
-        missing = self.catalog.missing_embeddings(self.bundle.key)
+        missing = self.catalog.missing_embeddings(self.references_key)
         trained = set(self.bundle.fine_labels)
         rows, photos = [], 0
         for sku, path in tqdm(missing, desc="embedding reference photos", unit="photo",
@@ -116,7 +125,7 @@ class Pipeline:
             rows += [(sku, path, vectors[0])] + [
                 (sku, Path(f"{path}#shop-{i}"), v) for i, v in enumerate(vectors[1:], 1)]
             photos += 1
-        self.catalog.put_embeddings(self.bundle.key, rows)
+        self.catalog.put_embeddings(self.references_key, rows)
         return photos
 
     def _categories(self) -> dict[str, int]:
@@ -131,7 +140,7 @@ class Pipeline:
 
     def _build_matcher(self, hash_candidates: int) -> Matcher:
         """Catalog products only (no story, no match): their photos plus trained prototypes."""
-        skus, vectors = self.catalog.embeddings(self.bundle.key)
+        skus, vectors = self.catalog.embeddings(self.references_key)
         in_catalog = set(self.catalog.skus())
         protos = self.bundle.prototypes()
         trained = [(s, protos[i]) for i, s in enumerate(self.bundle.fine_labels)

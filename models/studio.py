@@ -33,6 +33,9 @@ MIN_BORDER = 0.7  # share of the photo's border that must be backdrop: the produ
 MIN_BACKGROUND = 0.2  # share of the photo that must be backdrop around the product
 SIDE = 384  # pixels of a view's side: more than any network input, less than a camera frame
 PER_ROW = (1, 2, 3, 4)  # copies across a piled view, cycled: alone, then ever denser piles
+# names the views shop_views draws: change it whenever they change (backdrop, placement, mask),
+# so that kiosks embed their references again instead of keeping views of the old kind
+KIOSK_VIEWS = "held-alone-1"
 
 
 def _near_backdrop(img: np.ndarray) -> np.ndarray | None:

@@ -97,7 +97,7 @@ def test_new_bundle_gets_its_own_reference_embeddings(trained_demo: TrainedDemo,
                                                       tmp_path: Path) -> None:
     """Embeddings are per model: a re-exported bundle (new key) recomputes them on open."""
     from device.catalog import Catalog
-    from device.pipeline import Pipeline
+    from device.pipeline import SHOP_VIEWS, Pipeline, references_key
     from models.bundle import load_bundle, write_bundle
 
     old = load_bundle(trained_demo.bundle)
@@ -106,10 +106,11 @@ def test_new_bundle_gets_its_own_reference_embeddings(trained_demo: TrainedDemo,
     files = {name: trained_demo.bundle / name for name in old.manifest["files"]}
     new = write_bundle(tmp_path / "bundle-v2", manifest, files)
     db = copy_catalog(trained_demo, tmp_path)
-    assert len(Catalog(db).missing_embeddings(new.key)) == 12
+    key = references_key(new.key, SHOP_VIEWS)
+    assert len(Catalog(db).missing_embeddings(key)) == 12
     pipeline = Pipeline.open(new.path, db)
-    assert Catalog(db).missing_embeddings(new.key) == []
-    assert len(Catalog(db).missing_embeddings(old.key)) == 0
+    assert pipeline.references_key == key and Catalog(db).missing_embeddings(key) == []
+    assert len(Catalog(db).missing_embeddings(references_key(old.key, SHOP_VIEWS))) == 0
     assert len(pipeline.matcher) == 12
 
 
@@ -121,7 +122,6 @@ def test_studio_photo_of_an_untrained_product_gets_shop_views(trained_demo: Trai
 
     from device.catalog import Catalog, Product
     from device.pipeline import SHOP_VIEWS, Pipeline
-    from models.bundle import load_bundle
     from tests.test_studio import studio_photo
 
     db = copy_catalog(trained_demo, tmp_path)
@@ -133,10 +133,8 @@ def test_studio_photo_of_an_untrained_product_gets_shop_views(trained_demo: Trai
     catalog.upsert([Product("JUI-001", "Green Carton", "juice", images=[str(studio)]),
                     Product("JUI-002", "Shelf Carton", "juice", images=[str(shop)])])
     catalog.add_photos(trained, [studio])
-    key = load_bundle(trained_demo.bundle).key
-
     pipeline = Pipeline.open(trained_demo.bundle, db)
-    skus, vectors = Catalog(db).embeddings(key)
+    skus, vectors = Catalog(db).embeddings(pipeline.references_key)
     assert skus.count("JUI-001") == 1 + SHOP_VIEWS
     assert skus.count("JUI-002") == 1 and skus.count(trained) == 2  # catalog photo + studio
     assert len(pipeline.matcher) == 14
@@ -148,8 +146,41 @@ def test_studio_photo_of_an_untrained_product_gets_shop_views(trained_demo: Trai
     (tmp_path / "off").mkdir()
     db_off = copy_catalog(trained_demo, tmp_path / "off")
     Catalog(db_off).upsert([Product("JUI-001", "Green Carton", "juice", images=[str(studio)])])
-    Pipeline.open(trained_demo.bundle, db_off, shop_views=0)
-    assert Catalog(db_off).embeddings(key)[0].count("JUI-001") == 1
+    off = Pipeline.open(trained_demo.bundle, db_off, shop_views=0)
+    assert Catalog(db_off).embeddings(off.references_key)[0].count("JUI-001") == 1
+    on = Pipeline.open(trained_demo.bundle, db_off)  # views turned on later: embedded then
+    assert Catalog(db_off).embeddings(on.references_key)[0].count("JUI-001") == 1 + SHOP_VIEWS
+
+
+def test_shop_views_of_another_kind_are_embedded_again(trained_demo: TrainedDemo,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kiosk updated to views drawn another way replaces its stored ones on the next start,
+    with the same bundle: none of the old kind stay among the references it matches."""
+    import cv2
+
+    from device.catalog import Catalog, Product
+    from device.pipeline import SHOP_VIEWS, Pipeline
+    from models import studio
+    from tests.test_studio import studio_photo
+
+    db = copy_catalog(trained_demo, tmp_path)
+    photo = tmp_path / "carton.png"
+    cv2.imwrite(str(photo), studio_photo())
+    Catalog(db).upsert([Product("JUI-001", "Green Carton", "juice", images=[str(photo)])])
+    before = Pipeline.open(trained_demo.bundle, db)
+    old_views = before.matcher.vectors[np.array(before.matcher.products)[before.matcher.owner]
+                                       == "JUI-001"]
+
+    monkeypatch.setattr(studio, "KIOSK_VIEWS", "test-views-2")
+    monkeypatch.setattr(studio, "_compose", lambda product, alpha, per_row, rng: np.full(
+        (studio.SIDE, studio.SIDE, 3), 40, np.uint8))  # a different drawing of the views
+    after = Pipeline.open(trained_demo.bundle, db)
+    new_views = after.matcher.vectors[np.array(after.matcher.products)[after.matcher.owner]
+                                      == "JUI-001"]
+    assert len(old_views) == len(new_views) == 1 + SHOP_VIEWS
+    assert after.references_key != before.references_key
+    assert len(np.unique(new_views.round(4), axis=0)) == 2  # the photo and 8 equal grey views
 
 
 def test_kiosk_side_runs_without_torch(trained_demo: TrainedDemo) -> None:

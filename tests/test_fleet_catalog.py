@@ -190,7 +190,7 @@ def test_a_release_adds_and_removes_products_and_the_kiosk_embeds_them_at_start(
     assert not (db.with_name("catalog-media") / gone).exists()
 
     pipeline = Pipeline.open(trained_demo.bundle, db)
-    skus, _ = catalog.embeddings(pipeline.bundle.key)
+    skus, _ = catalog.embeddings(pipeline.references_key)
     assert NEW in skus and gone not in skus
     assert pipeline.scan_file(photo).sku == NEW
 
