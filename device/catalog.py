@@ -309,3 +309,14 @@ class Catalog:
             return [], np.zeros((0, 0), np.float32)
         return ([r["sku"] for r in rows],
                 np.stack([np.frombuffer(r["vector"], np.float32) for r in rows]))
+
+    def embedding_models(self) -> list[str]:
+        """Every key reference embeddings are stored under, sorted."""
+        return [r["model"] for r in self.db.query(
+            "select distinct model from embeddings order by model")]
+
+    def drop_embeddings(self, models: list[str]) -> None:
+        """Delete every reference embedding stored under these keys."""
+        with self.db.atomic():
+            for model in models:
+                self.db["embeddings"].delete_where("model = ?", [model])

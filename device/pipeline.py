@@ -109,7 +109,11 @@ class Pipeline:
 
     def update_embeddings(self, progress: bool = False) -> int:
         """Embed the catalog's reference photos this bundle has not seen (and an untrained
-        product's shop views of them); returns how many photos."""
+        product's shop views of them); returns how many photos. This bundle's embeddings with
+        shop views of another kind go: nothing will match against them again."""
+        stale = [m for m in self.catalog.embedding_models() if m != self.references_key
+                 and (m == self.bundle.key or m.startswith(self.bundle.key + "+"))]
+        self.catalog.drop_embeddings(stale)
         missing = self.catalog.missing_embeddings(self.references_key)
         trained = set(self.bundle.fine_labels)
         rows, photos = [], 0

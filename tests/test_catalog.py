@@ -128,6 +128,18 @@ def test_reimporting_a_product_replaces_its_stories_and_forgets_its_embeddings(
     assert cat.missing_embeddings("m1") == [("PLT-001", Path(got.images[0]))]
 
 
+def test_embeddings_of_one_model_can_be_dropped_and_the_others_stay(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.db")
+    cat.upsert([plate(tmp_path), mug(tmp_path)])
+    for model in ("m2", "m1"):
+        cat.put_embeddings(model, [(sku, img, vector(i)) for i, (sku, img)
+                                   in enumerate(cat.missing_embeddings(model))])
+    assert cat.embedding_models() == ["m1", "m2"]
+    cat.drop_embeddings(["m1"])
+    assert cat.embedding_models() == ["m2"] and len(cat.missing_embeddings("m1")) == 3
+    assert cat.embeddings("m2")[0] == ["MUG-007", "PLT-001", "PLT-001"]
+
+
 def _state(cat: Catalog) -> tuple:
     """Rows, meta and media files: all a release may change."""
     rows = tuple(sorted(map(repr, cat.db[t].rows)) for t in ("meta", "products", "stories",

@@ -180,6 +180,7 @@ def test_shop_views_of_another_kind_are_embedded_again(trained_demo: TrainedDemo
                                       == "JUI-001"]
     assert len(old_views) == len(new_views) == 1 + SHOP_VIEWS
     assert after.references_key != before.references_key
+    assert Catalog(db).embedding_models() == [after.references_key]  # the old kind's are gone
     assert len(np.unique(new_views.round(4), axis=0)) == 2  # the photo and 8 equal grey views
 
 
