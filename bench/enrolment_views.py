@@ -142,6 +142,8 @@ def main() -> None:
                    help="a --holdout checkpoint (repeat: one run per checkpoint, e.g. seeds)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=Path("runs/bench-enrolment-views"))
+    p.add_argument("--section", default="enrolment-views",
+                   help="docs/BENCHMARKS.md section to write")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     args = p.parse_args()
 
@@ -149,8 +151,9 @@ def main() -> None:
             for row in measure(checkpoint, args.data, args.out, f"held-out-bundle-{i}")]
     print(format_table(rows, COLUMNS))
     if not args.no_docs:
-        write_section("enrolment-views",
-                      "Enrolment views: centre crops and shop views of new photos",
+        title = "Enrolment views: centre crops and shop views of new photos"
+        write_section(args.section, title + (f" ({args.section})" if args.section !=
+                                             "enrolment-views" else ""),
                       "Held-out models (bench/protocols.py's products held out of training), "
                       "INT8 bundles, search of all products. Tune: training photos of held-out "
                       "products not enrolled; val: the val photos of held-out products (new) "
