@@ -86,6 +86,9 @@ class Pipeline:
         self.threshold = threshold if threshold is not None and threshold > 0 else None
         self.top_coarse, self.category_prior = top_coarse, category_prior
         self.attribute_logit = logit(bundle.attribute_threshold)
+        # this bundle's embeddings with shop views of another kind: nothing matches them again
+        catalog.drop_embeddings([m for m in catalog.embedding_models() if m != self.references_key
+                                 and (m == bundle.key or m.startswith(bundle.key + "+"))])
         self.update_embeddings(progress)
         self.matcher = self._build_matcher(hash_candidates)
 
@@ -109,11 +112,7 @@ class Pipeline:
 
     def update_embeddings(self, progress: bool = False) -> int:
         """Embed the catalog's reference photos this bundle has not seen (and an untrained
-        product's shop views of them); returns how many photos. This bundle's embeddings with
-        shop views of another kind go: nothing will match against them again."""
-        stale = [m for m in self.catalog.embedding_models() if m != self.references_key
-                 and (m == self.bundle.key or m.startswith(self.bundle.key + "+"))]
-        self.catalog.drop_embeddings(stale)
+        product's shop views of them); returns how many photos."""
         missing = self.catalog.missing_embeddings(self.references_key)
         trained = set(self.bundle.fine_labels)
         rows, photos = [], 0
