@@ -1,0 +1,98 @@
+"""A bundle exported on a workstation with VNNI or AMX, run by a kiosk whose CPU has AVX2 only.
+
+ONNX Runtime's INT8 kernels differ between the two (int16 pair sums on AVX2), so what the
+exporter measured is not automatically what such a kiosk computes. These tests run the kiosk
+side in a process that sees an AVX2-only CPU (bench/emulated_cpu.py: the real AVX2 kernels,
+selected by CPUID), and skip where this machine cannot play one, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, TrainedDemo, storyscan
+from test_int8 import calibration_photos, small_network
+
+from bench.emulated_cpu import EmulationUnavailable, avx2_only_env
+from device.catalog import Catalog
+from device.importers import read_products
+from trainer.export import QuantOptions, quantize_int8
+
+
+@pytest.fixture(scope="module")
+def avx2_kiosk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment variables for a process that sees an AVX2-only CPU."""
+    try:
+        return avx2_only_env(tmp_path_factory.mktemp("avx2"))
+    except EmulationUnavailable as e:
+        pytest.skip(f"cannot emulate an AVX2-only kiosk: {e}")
+
+
+def run_python(code: str, *args: str | Path, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+EMBED = """
+import sys, numpy as np
+from device.engines.ort import OrtEngine
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], OrtEngine(sys.argv[1], "int8").infer(x)["embedding"])
+"""
+
+
+def test_the_emulated_kiosk_runs_the_avx2_int8_kernels(tmp_path: Path,
+                                                       avx2_kiosk: dict[str, str]) -> None:
+    """The check that the emulation is real: 8-bit weights saturate the AVX2 kernel's int16
+    sums on test_int8.py's network (15% of the embedding's range on a real AVX2 machine),
+    7-bit weights cannot, so those give this machine's output exactly."""
+    small_network(tmp_path / "fp32.onnx")
+    np.save(tmp_path / "x.npy", np.stack(calibration_photos()[:8]))
+    gaps = {}
+    for bits, reduce_range in ((8, False), (7, True)):
+        model = tmp_path / f"int8_{bits}.onnx"
+        quantize_int8(tmp_path / "fp32.onnx", model, calibration_photos(),
+                      QuantOptions(fp32_convs=0, fp32_sensitive=0, reduce_range=reduce_range))
+        run_python(EMBED, model, tmp_path / "x.npy", tmp_path / "here.npy")
+        run_python(EMBED, model, tmp_path / "x.npy", tmp_path / "avx2.npy", env=avx2_kiosk)
+        here, avx2 = np.load(tmp_path / "here.npy"), np.load(tmp_path / "avx2.npy")
+        gaps[bits] = float(np.abs(avx2 - here).max() / np.abs(here).max())
+    assert gaps[8] > 0.05
+    assert gaps[7] == 0.0
+
+
+SELF_TEST = """
+import sys
+from device.updates import self_test
+from models.bundle import load_bundle
+print(self_test(load_bundle(sys.argv[1])))
+"""
+
+
+def scanned(bundle: Path, catalog: Path, scans: Path, env: dict[str, str] | None = None
+            ) -> dict[str, str | None]:
+    done = storyscan("scan", scans, "--bundle", bundle, "--catalog", catalog, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return {Path(r["source"]).name: r.get("sku") for r in rows}
+
+
+def test_a_bundle_made_here_passes_its_self_test_and_scans_alike_on_an_avx2_kiosk(
+        trained_demo: TrainedDemo, avx2_kiosk: dict[str, str], tmp_path: Path) -> None:
+    # the kiosk's own catalog: it embeds the reference photos itself, on its own CPU
+    catalog = tmp_path / "catalog.db"
+    Catalog(catalog).upsert(read_products(trained_demo.data / "catalog"))
+    assert "self-test passed" in run_python(SELF_TEST, trained_demo.bundle, env=avx2_kiosk)
+    scans = trained_demo.data / "scans"
+    here = scanned(trained_demo.bundle, trained_demo.catalog, scans)
+    there = scanned(trained_demo.bundle, catalog, scans, env=avx2_kiosk)
+    assert len(here) >= 8 and sum(sku is not None for sku in here.values()) >= len(here) // 2
+    assert there == here
