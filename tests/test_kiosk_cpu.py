@@ -78,11 +78,12 @@ print(self_test(load_bundle(sys.argv[1])))
 
 
 def scanned(bundle: Path, catalog: Path, scans: Path, env: dict[str, str] | None = None
-            ) -> dict[str, str | None]:
+            ) -> dict[str, tuple[str | None, float]]:
+    """Each scan's answer (None: unknown) and best similarity."""
     done = storyscan("scan", scans, "--bundle", bundle, "--catalog", catalog, "--json", env=env)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    return {Path(r["source"]).name: r.get("sku") for r in rows}
+    return {Path(r["source"]).name: (r["sku"], r["similarity"]) for r in rows}
 
 
 def test_a_bundle_made_here_passes_its_self_test_and_scans_alike_on_an_avx2_kiosk(
@@ -94,5 +95,11 @@ def test_a_bundle_made_here_passes_its_self_test_and_scans_alike_on_an_avx2_kios
     scans = trained_demo.data / "scans"
     here = scanned(trained_demo.bundle, trained_demo.catalog, scans)
     there = scanned(trained_demo.bundle, catalog, scans, env=avx2_kiosk)
-    assert len(here) >= 8 and sum(sku is not None for sku in here.values()) >= len(here) // 2
-    assert there == here
+    assert there.keys() == here.keys() and len(here) >= 8
+    assert sum(sku is not None for sku, _ in here.values()) >= len(here) // 2
+    # never another product; a scan right at the unknown threshold may fall either side of it
+    assert all(there[n][0] == here[n][0] for n in here
+               if here[n][0] is not None and there[n][0] is not None)
+    # the int16 sums move a best similarity by up to 0.023 on this model
+    assert max(abs(there[n][1] - here[n][1]) for n in here) < 0.05
+    assert sum(there[n][0] == here[n][0] for n in here) >= 0.95 * len(here)
