@@ -17,6 +17,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from bench.report import cpu_flags, read_cpuinfo
+
 SOURCE = Path(__file__).with_name("avx2_only.c")
 # what the emulated CPU lacks: without any of these ONNX Runtime's INT8 kernels are AVX2's
 NEWER = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -26,19 +28,10 @@ class EmulationUnavailable(RuntimeError):
     """This machine cannot play an AVX2-only CPU (or already is one); the message says why."""
 
 
-def cpu_flags() -> set[str]:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                     if ln.startswith("flags")), []))
-
-
 def avx2_only_env(build: Path) -> dict[str, str]:
     """Environment variables that make a new process see an AVX2-only CPU; the preload
     library is compiled into `build` with the system's C compiler."""
-    flags = cpu_flags()
+    flags = cpu_flags(read_cpuinfo())
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise EmulationUnavailable(f"needs Linux on x86_64, not {platform.system()} "
                                    f"{platform.machine()}")

@@ -31,7 +31,7 @@ from bench.report import cpu_model, write_section
 from device.engines import infer_all, open_engine
 from device.updates import ReleaseRefused, self_test
 from models.bundle import load_bundle
-from models.preprocess import prepare
+from models.preprocess import InputSpec, prepare
 from models.tables import format_markdown_table, format_table
 from trainer.ingest import IngestReport, load_split, read_layout
 
@@ -41,10 +41,9 @@ COLUMNS = ["kiosk CPU", "fine top-1", "coarse top-1", "INT8/FP32 agree",
            "same product as this CPU", "golden min cosine", "self-test", "ms / photo"]
 
 
-def val_photos(bundle_dir: Path, data: Path) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """The val photos prepared for the bundle (on the calling process's CPU), and their
-    fine and coarse labels."""
-    spec = load_bundle(bundle_dir).input_spec
+def val_photos(spec: InputSpec, data: Path) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The val photos prepared as `spec` says (on the calling process's CPU), and their fine
+    and coarse labels."""
     val = load_split(read_layout(data)[2], lambda img: prepare(img, spec), IngestReport(), {},
                      "validation photos")
     return val.images, np.array(val.fine), np.array(val.coarse)
@@ -53,7 +52,7 @@ def val_photos(bundle_dir: Path, data: Path) -> tuple[list[np.ndarray], np.ndarr
 def measure(bundle_dir: Path, data: Path, out: Path) -> None:
     """The worker: this process's CPU's INT8 outputs, golden cosine and timing, to `out`."""
     bundle = load_bundle(bundle_dir)
-    images, _, _ = val_photos(bundle_dir, data)
+    images, _, _ = val_photos(bundle.input_spec, data)
     engine = open_engine(bundle, "auto", "int8")
     scores = infer_all(engine, images)
     golden = bundle.manifest["golden"]
@@ -92,7 +91,7 @@ def main() -> None:
     if args.worker:
         return measure(args.bundle, args.data, args.worker)
     bundle = load_bundle(args.bundle)
-    images, fine, coarse = val_photos(args.bundle, args.data)
+    images, fine, coarse = val_photos(bundle.input_spec, args.data)
     fp32 = infer_all(open_engine(bundle, "auto", "fp32"), images)["fine"].argmax(1)
     with tempfile.TemporaryDirectory() as tmp:
         cpus = {f"this CPU: {cpu_model()}": {},

@@ -28,18 +28,28 @@ SIMD = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-
         ("avx512f", "AVX-512, no VNNI"), ("avx2", "AVX2, no VNNI"))
 
 
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The CPU's feature flags in /proc/cpuinfo's text `cpuinfo`."""
+    return set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines()
+                     if ln.startswith("flags")), []))
+
+
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's name, and on x86 its best INT8 instruction set and whether it has bf16, since
     machines of the same name here differ in them (`cpuinfo`: /proc/cpuinfo's text)."""
     fallback = platform.processor() or platform.machine()
-    try:
-        info = (Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo).splitlines()
-    except OSError:
-        return fallback
-    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")),
-                fallback)
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")),
-                     []))
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), fallback)
+    flags = cpu_flags(text)
     simd = next((label for flag, label in SIMD if flag in flags), None)
     if simd is None:
         return name
