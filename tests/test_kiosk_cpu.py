@@ -1,9 +1,11 @@
-"""A bundle exported on a workstation with VNNI or AMX, run by a kiosk whose CPU has AVX2 only.
+"""A bundle exported on a workstation, run by a kiosk with another CPU: AVX2 only, or Arm.
 
-ONNX Runtime's INT8 kernels differ between the two (int16 pair sums on AVX2), so what the
-exporter measured is not automatically what such a kiosk computes. These tests run the kiosk
-side in a process that sees an AVX2-only CPU (bench/emulated_cpu.py: the real AVX2 kernels,
-selected by CPUID), and skip where this machine cannot play one, saying why.
+ONNX Runtime's INT8 kernels differ between CPUs (int16 pair sums on AVX2, NEON, dot-product
+or matrix-multiply instructions on Arm), so what the exporter measured is not automatically
+what a kiosk computes. These tests run the kiosk side in a process that sees an AVX2-only CPU
+(the real AVX2 kernels, selected by CPUID) or in an Arm Python under qemu (the Arm kernels,
+emulated instruction by instruction), both from bench/emulated_cpu.py, and skip where this
+machine cannot do that, saying why.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 from conftest import ROOT, TrainedDemo, storyscan
 from test_int8 import calibration_photos, small_network
 
-from bench.emulated_cpu import EmulationUnavailable, avx2_only_env
+from bench.emulated_cpu import ARM_CPUS, ArmKiosk, EmulationUnavailable, arm_kiosk, avx2_only_env
 from device.catalog import Catalog
 from device.importers import read_products
 from trainer.export import QuantOptions, quantize_int8
@@ -34,9 +36,20 @@ def avx2_kiosk(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         pytest.skip(f"cannot emulate an AVX2-only kiosk: {e}")
 
 
-def run_python(code: str, *args: str | Path, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+@pytest.fixture(scope="module")
+def arm() -> ArmKiosk:
+    """An Arm kiosk's Python under qemu (fetched once into ~/.cache/storyscan)."""
+    try:
+        return arm_kiosk()
+    except EmulationUnavailable as e:
+        pytest.skip(f"cannot emulate an Arm kiosk: {e}")
+
+
+def run_python(code: str, *args: str | Path, env: dict[str, str] | None = None,
+               python: list[str] | None = None) -> str:
+    done = subprocess.run([*(python or [sys.executable]), "-c", code, *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -77,29 +90,57 @@ print(self_test(load_bundle(sys.argv[1])))
 """
 
 
-def scanned(bundle: Path, catalog: Path, scans: Path, env: dict[str, str] | None = None
-            ) -> dict[str, tuple[str | None, float]]:
-    """Each scan's answer (None: unknown) and best similarity."""
-    done = storyscan("scan", scans, "--bundle", bundle, "--catalog", catalog, "--json", env=env)
-    assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+CLI = "import sys; sys.argv[0] = 'storyscan'; from device.cli import main; main()"
+
+
+def scanned(bundle: Path, catalog: Path, scans: Path, env: dict[str, str] | None = None,
+            python: list[str] | None = None) -> dict[str, tuple[str | None, float]]:
+    """Each scan's answer (None: unknown) and best similarity, from `storyscan scan` run by
+    this machine's Python or by `python`."""
+    args = ("scan", scans, "--bundle", bundle, "--catalog", catalog, "--json")
+    if python is None:
+        done = storyscan(*args, env=env)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+    else:
+        out = run_python(CLI, *args, env=env, python=python)
+    rows = [json.loads(line) for line in out.splitlines()]
     return {Path(r["source"]).name: (r["sku"], r["similarity"]) for r in rows}
 
 
-def test_a_bundle_made_here_passes_its_self_test_and_scans_alike_on_an_avx2_kiosk(
-        trained_demo: TrainedDemo, avx2_kiosk: dict[str, str], tmp_path: Path) -> None:
+def check_kiosk(trained_demo: TrainedDemo, tmp_path: Path, env: dict[str, str],
+                python: list[str] | None = None) -> str:
+    """The kiosk (env, python) passes the bundle's self-test and scans as this machine does;
+    returns what its Python says of its machine."""
     # the kiosk's own catalog: it embeds the reference photos itself, on its own CPU
     catalog = tmp_path / "catalog.db"
     Catalog(catalog).upsert(read_products(trained_demo.data / "catalog"))
-    assert "self-test passed" in run_python(SELF_TEST, trained_demo.bundle, env=avx2_kiosk)
+    said = run_python("import platform; print(platform.machine())\n" + SELF_TEST,
+                      trained_demo.bundle, env=env, python=python)
+    assert "self-test passed" in said
     scans = trained_demo.data / "scans"
     here = scanned(trained_demo.bundle, trained_demo.catalog, scans)
-    there = scanned(trained_demo.bundle, catalog, scans, env=avx2_kiosk)
+    there = scanned(trained_demo.bundle, catalog, scans, env=env, python=python)
     assert there.keys() == here.keys() and len(here) >= 8
     assert sum(sku is not None for sku, _ in here.values()) >= len(here) // 2
     # never another product; a scan right at the unknown threshold may fall either side of it
     assert all(there[n][0] == here[n][0] for n in here
                if here[n][0] is not None and there[n][0] is not None)
-    # the int16 sums move a best similarity by up to 0.023 on this model
+    # the int16 sums of an AVX2 CPU move a best similarity by up to 0.023 on this model
     assert max(abs(there[n][1] - here[n][1]) for n in here) < 0.05
     assert sum(there[n][0] == here[n][0] for n in here) >= 0.95 * len(here)
+    return said.split()[0]
+
+
+def test_a_bundle_made_here_passes_its_self_test_and_scans_alike_on_an_avx2_kiosk(
+        trained_demo: TrainedDemo, avx2_kiosk: dict[str, str], tmp_path: Path) -> None:
+    check_kiosk(trained_demo, tmp_path, avx2_kiosk)
+
+
+@pytest.mark.parametrize("cpu", list(ARM_CPUS))
+def test_a_bundle_made_here_passes_its_self_test_and_scans_alike_on_an_arm_kiosk(
+        trained_demo: TrainedDemo, arm: ArmKiosk, cpu: str, tmp_path: Path) -> None:
+    """A Jetson without TensorRT (or any Arm kiosk) runs the bundle on ONNX Runtime's Arm
+    INT8 kernels: each kind (NEON, dot product, int8 matrix multiply) must accept the bundle
+    and name the products this machine names."""
+    assert check_kiosk(trained_demo, tmp_path, arm.env, arm.python(cpu)) == "aarch64"
