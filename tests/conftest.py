@@ -45,7 +45,7 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
     generate_demo(root / "data", products=12, train=20, val=5, scans=8, size=160, seed=7)
     t0 = time.time()
     best = train(TrainConfig(data=str(root / "data"), out=str(root / "run"), size=112,
-                             epochs=8, batch_size=24, lr=0.02, seed=0,
+                             epochs=10, batch_size=24, lr=0.02, seed=0,
                              # random erasing is for real shop photos (hands, price tags; +4 pp
                              # on Grocery); 6 epochs on occlusion-free synthetic products are
                              # too few to absorb it. test_recipe.py covers the switch itself.
@@ -55,7 +55,8 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
                              # unknown against test_openset.py's 24. 8, not 6, since shop views
                              # joined training (--shop-views 0.5): on an Intel Xeon with AMX 6
                              # left 11-15 of 96 known scans below the unknown threshold (ranked
-                             # right: 95 of 96), 8 left 5
+                             # right: 95 of 96), 8 left 5. 10, not 8: on an AMD EPYC (AVX2,
+                             # fp32) 8 left 12 of 96 below it (94 of 96 ranked right), 10 left 4
                              erasing=0.0))
     seconds = time.time() - t0
     # 60 val photos: one INT8/FP32 disagreement is already 1.7%, so the gate is looser here.

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_training_is_quick_and_keeps_the_best_checkpoint(trained_demo: TrainedDemo) -> None:
     assert trained_demo.train_seconds < 120
     history = json.loads((trained_demo.run / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [h["epoch"] for h in history] == list(range(1, 11))
     assert (trained_demo.run / "best.pt").is_file() and (trained_demo.run / "last.pt").is_file()
 
 
