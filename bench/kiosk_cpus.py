@@ -70,13 +70,13 @@ def measure(bundle_dir: Path, data: Path, out: Path, timed: int) -> None:
         verdict = self_test(bundle)
     except ReleaseRefused as e:
         verdict = str(e)
-    times = [np.nan]
+    times = []
     for x in images[:timed]:
         t0 = time.perf_counter()
         engine.infer(x[None])
         times.append(time.perf_counter() - t0)
     np.savez(out, fine=scores["fine"], coarse=scores["coarse"], golden=cosine.min(),
-             verdict=verdict, ms=np.median(times[1:] or times) * 1e3)
+             verdict=verdict, ms=np.median(times) * 1e3 if times else np.nan)
 
 
 @dataclass
@@ -129,13 +129,13 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return measure(args.bundle, args.data, args.worker, args.timed)
+    arm = [c for c in args.arm_cpus.split(",") if c]
+    if unknown := set(arm) - set(ARM_CPUS):
+        p.error(f"unknown Arm CPUs {sorted(unknown)}; choose from {', '.join(ARM_CPUS)}")
     bundle = load_bundle(args.bundle)
     images, fine, coarse = val_photos(bundle.input_spec, args.data)
     fp32 = infer_all(open_engine(bundle, "auto", "fp32"), images)["fine"].argmax(1)
     with tempfile.TemporaryDirectory() as tmp:
-        arm = [c for c in args.arm_cpus.split(",") if c]
-        if unknown := set(arm) - set(ARM_CPUS):
-            p.error(f"unknown Arm CPUs {sorted(unknown)}; choose from {', '.join(ARM_CPUS)}")
         cpus, missing = kiosk_cpus(Path(tmp) / "avx2", arm)
         results = {name: run_worker(args.bundle, args.data, Path(tmp) / f"{i}.npz", cpu)
                    for i, (name, cpu) in enumerate(tqdm(cpus.items(), "kiosk CPUs"))}
