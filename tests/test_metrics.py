@@ -14,11 +14,13 @@ from trainer.metrics import (
     Report,
     confusion_matrix,
     evaluate_scores,
+    format_interval,
     macro_f1,
     micro_f1,
     multi_hot,
     per_class_table,
     plot_confusion,
+    product_interval,
     topk_accuracy,
     write_report,
 )
@@ -252,3 +254,28 @@ def test_write_report(tmp_path) -> None:
     assert "| fruit |" in markdown
     _assert_valid_png(paths["confusion_fine.png"])
     _assert_valid_png(paths["confusion_coarse.png"])
+
+
+def test_product_interval_counts_products_not_photos() -> None:
+    """20 products of 5 photos each, every product all right or all wrong (as one-session
+    photos tend to be): the interval is as wide as 20 chances give, not 100."""
+    right = np.repeat(np.arange(20) < 14, 5)  # 14 of 20 products right: 0.70
+    products = np.repeat(np.arange(20), 5)
+    low, high = product_interval(lambda i: right[i].mean(), products)
+    as_photos = product_interval(lambda i: right[i].mean(), np.arange(100))
+    assert low < 0.70 < high and as_photos[0] < 0.70 < as_photos[1]
+    assert high - low > 1.7 * (as_photos[1] - as_photos[0])
+    assert 0.45 < low < 0.6 and 0.8 < high < 0.95  # binomial(20, 0.7): sd 0.10
+    assert product_interval(lambda i: right[i].mean(), products) == (low, high)  # seeded
+    assert format_interval((low, high)) == f"{low:.2f}-{high:.2f}"
+    everything = product_interval(lambda i: np.ones(100)[i].mean(), products)
+    assert everything == (1.0, 1.0)
+
+
+def test_product_interval_keeps_each_stratum_whole() -> None:
+    """Known and unknown products are drawn apart: every draw has both, as AUROC needs."""
+    products = np.r_[np.repeat(np.arange(10), 5), np.repeat(np.arange(10, 15), 3)]
+    unknown = products >= 10
+    assert product_interval(lambda i: float(unknown[i].sum()), products, unknown) == (15, 15)
+    with pytest.raises(ValueError, match="one product and stratum per photo"):
+        product_interval(lambda i: 0.0, products, unknown[:-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +33,19 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     # the category of the product the kiosk names is right whenever the product is
     matcher = out.split("kiosk matcher")[1].split("hash (4-bit code)")[0]
     assert "category top-1" in matcher
-    rows = [ln.split()[-4:] for ln in matcher.splitlines() if ln.startswith(("all", "top-"))]
+    rows = [ln.split()[-5:] for ln in matcher.splitlines() if ln.startswith(("all", "top-"))]
     assert len(rows) == 5
-    for top1, _, category, _ in rows:
+    for top1, interval, _, category, _ in rows:
         assert float(top1) <= float(category) <= 1
+        low, high = map(float, interval.split("-"))
+        assert low - 0.005 <= float(top1) <= high + 0.005  # cells rounded to 0.01 and 0.001
+    # every top-1 and AUROC comes with its 95% interval over products: 5 searches, 7 rows of
+    # new products (the trained bar, 2 enrolments x 3 searches), 1 unknown row
+    intervals = re.findall(r"(?<![\d.])([01]\.\d\d)-([01]\.\d\d)(?![\d.])", out)
+    assert len(intervals) == 13
+    assert all(0 <= float(low) <= float(high) <= 1 for low, high in intervals)
+    for column in ("new top-1 95% CI", "AUROC 95% CI"):
+        assert column in out
     # protocol 2's bar: the closed model, trained on the held-out products, leads its table
     new = out.split("2. New products")[1].split("3. Unknown items")[0]
     assert new.count("none: trained on (all-products model)") == 1

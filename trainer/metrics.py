@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -284,6 +284,40 @@ def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     ranks = _average_ranks(np.concatenate([known, unknown]))
     u = ranks[: known.size].sum() - known.size * (known.size + 1) / 2
     return float(u / (known.size * unknown.size))
+
+
+BOOTSTRAP_ROUNDS = 2000
+
+
+def product_interval(stat: Callable[[np.ndarray], float], products: Sequence,
+                     strata: Sequence | None = None, level: float = 0.95,
+                     rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat(photo indices)` when whole products are drawn
+    again with replacement (`products`: each photo's product), within each stratum apart
+    (`strata`: each photo's, e.g. known or unknown, so every draw keeps as many of each).
+
+    A product's photos are not independent draws: Grocery shoots each product's val photos
+    in one session, so they tend to be all right or all wrong together. Resampling photos
+    would give an interval as if there were 296 chances where there are 60 products; what
+    the number would do on other products is what this interval shows."""
+    products = np.asarray(products)
+    strata = np.zeros(len(products), int) if strata is None else np.asarray(strata)
+    if len(products) != len(strata) or not len(products):
+        raise ValueError("a product interval needs one product and stratum per photo, and "
+                         "at least one photo")
+    groups = [[np.flatnonzero((strata == s) & (products == p))
+               for p in np.unique(products[strata == s])] for s in np.unique(strata)]
+    rng = np.random.default_rng(seed)
+    values = [stat(np.concatenate([g[i] for g in groups
+                                   for i in rng.integers(0, len(g), len(g))]))
+              for _ in range(rounds)]
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def format_interval(interval: tuple[float, float]) -> str:
+    """'0.49-0.77': an interval as a table cell."""
+    return f"{interval[0]:.2f}-{interval[1]:.2f}"
 
 
 def _row_normalise(cm: np.ndarray) -> np.ndarray:
