@@ -153,3 +153,18 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
          runs / "closed-bundle", "--no-docs"], capture_output=True, text=True, timeout=600,
         cwd=ROOT)
     assert wrong.returncode != 0 and "must leave out" in wrong.stderr
+
+    # bench/unknown_scores.py: the shipped score first, as protocol 3 measured it, then the
+    # others, each AUROC with its interval over products
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "unknown_scores.py"), "--data", tmp_path / "data",
+         "--checkpoint", runs / "held-out" / "best.pt", "--out", tmp_path / "scores",
+         "--no-docs"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [ln.split() for ln in result.stdout.split("FAR @ 95% TAR")[-1].splitlines()[2:]]
+    assert len(rows) == 10 and "(shipped)" in rows[0]
+    protocol3 = out.split("3. Unknown items")[1].strip().splitlines()[-1].split()
+    assert abs(float(rows[0][-3]) - float(protocol3[0])) <= 0.02
+    for row in rows:
+        low, high = map(float, row[-2].split("-"))
+        assert 0 <= low <= high <= 1 and 0 <= float(row[-3]) <= 1 and 0 <= float(row[-1]) <= 1
