@@ -10,7 +10,8 @@ With --training-photos the catalog is built a second time with every training ph
 as a reference of its product too (what `storyscan enroll` of those photos would give), and
 every search is repeated against it.
 Checkpoints of one training run (e.g. its EMA and its raw weights) compare paired: same
-photos, same split. The table goes to stdout and to docs/BENCHMARKS.md.
+photos, same split. Each top-1 has its 95% interval drawn over products (bench/protocols.py
+says why). The table goes to stdout and to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -23,13 +24,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.protocols import DEFAULT_DATA, SEARCHES, Kiosk, closed_set, search, train_and_export
+from bench.protocols import (
+    DEFAULT_DATA,
+    SEARCHES,
+    Kiosk,
+    closed_set,
+    interval,
+    search,
+    train_and_export,
+)
 from bench.report import write_section
 from models.tables import format_markdown_table, format_table
 from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.ingest import catalog_products, read_layout
 
-COLUMNS = ["checkpoint", "references", "search", "top-1", "top-5", "match µs"]
+COLUMNS = ["checkpoint", "references", "search", "top-1", "top-1 95% CI", "top-5",
+           "match µs"]
 SHIPPED = "prototypes + catalog photos"
 WITH_TRAINING = SHIPPED + " + training photos"
 HEAD_COLUMNS = ["checkpoint", "precision", "fine top-1", "fine top-5", "coarse top-1",
@@ -71,6 +81,7 @@ def main() -> None:
                     top1, top5, us, _ = search(matcher, kiosk, truth, how)
                     searches.append({"checkpoint": str(checkpoint), "references": WITH_TRAINING,
                                      "search": how, "top-1": top1.mean(),
+                                     "top-1 95% CI": interval(top1, truth),
                                      "top-5": top5.mean(), "match µs": us})
     print(format_table(heads, HEAD_COLUMNS))
     print(format_table(searches, COLUMNS))

@@ -84,6 +84,7 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     assert len(searches) == 20
     assert sum("training" in r for r in searches) == 10
     assert heads[:2] == heads[2:] and searches[:10] == searches[10:]
+    assert "top-1 95% CI" in result.stdout  # intervals are seeded: equal rows, equal intervals
 
     # the held-out model it trained is what bench/feature_weight.py chooses the weight with
     result = subprocess.run(
