@@ -126,6 +126,16 @@ def interval(right: np.ndarray, products: Sequence[str]) -> str:
     return format_interval(product_interval(lambda i: right[i].mean(), products))
 
 
+def separation(score: np.ndarray, unknown: np.ndarray, products: Sequence[str]
+               ) -> tuple[float, str]:
+    """AUROC of known over `unknown` photos by `score`, and its 95% interval with known and
+    unknown products drawn again apart."""
+    def of(i: np.ndarray) -> float:
+        return auroc(score[i][~unknown[i]], score[i][unknown[i]])
+
+    return of(np.arange(len(score))), format_interval(product_interval(of, products, unknown))
+
+
 # how the kiosk matcher can search: (name, top_coarse, category_prior), see Matcher.match
 SEARCHES = {"all products": (0, False), "top-1 categories": (1, False),
             "top-2 categories": (2, False), "top-3 categories": (3, False),
@@ -228,13 +238,8 @@ def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
         best = kiosk.scores(kiosk.use_catalog("known-only", known)).max(axis=1)
         threshold = held_bundle.unknown_threshold
         tar_threshold, far = far_at_tar(best[~is_new], best[is_new], 0.95)
-        def separation(i: np.ndarray) -> float:
-            return auroc(best[i][~is_new[i]], best[i][is_new[i]])
-
-        unknown = [{"AUROC": auroc(best[~is_new], best[is_new]),
-                    "AUROC 95% CI": format_interval(product_interval(separation, truth,
-                                                                     is_new)),
-                    "FAR @ 95% TAR": far,
+        area, area_interval = separation(best, is_new, truth)
+        unknown = [{"AUROC": area, "AUROC 95% CI": area_interval, "FAR @ 95% TAR": far,
                     "threshold @ 95% TAR": tar_threshold, "bundle threshold": threshold,
                     "known accepted": float(np.mean(best[~is_new] >= threshold)),
                     "unknown rejected": float(np.mean(best[is_new] < threshold))}]

@@ -26,12 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from bench.enrolment_views import trained_with
-from bench.protocols import DEFAULT_DATA, Kiosk, read_checkpoint, train_and_export
+from bench.protocols import (
+    DEFAULT_DATA,
+    Kiosk,
+    read_checkpoint,
+    separation,
+    train_and_export,
+)
 from bench.report import write_section
 from models.tables import format_markdown_table, format_table
 from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.ingest import catalog_products, read_layout
-from trainer.metrics import auroc, far_at_tar, format_interval, product_interval
+from trainer.metrics import far_at_tar
 from trainer.train import holdout_products
 
 NEIGHBOURS = (1, 5, 10)
@@ -97,11 +103,8 @@ def measure(checkpoint: Path, data: Path, out: Path) -> list[dict]:
                    np.array([c for _, c in known_train]), bundle.scale)
     rows = []
     for name, score in every.items():
-        def separation(i: np.ndarray, s: np.ndarray = score) -> float:
-            return auroc(s[i][~is_new[i]], s[i][is_new[i]])
-
-        rows.append({"score": name, "AUROC": separation(np.arange(len(score))),
-                     "AUROC 95% CI": format_interval(product_interval(separation, truth, is_new)),
+        area, area_interval = separation(score, is_new, truth)
+        rows.append({"score": name, "AUROC": area, "AUROC 95% CI": area_interval,
                      "FAR @ 95% TAR": far_at_tar(score[~is_new], score[is_new])[1]})
     return rows
 
