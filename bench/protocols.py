@@ -10,7 +10,7 @@
 2. New products: every 4th product (20 of Grocery's 81) is held out of training entirely; the
    held-out ones are then enrolled into the kiosk catalog from (a) 5 training photos each or
    (b) their single catalog (iconic) photo, and their `val` photos are recognised among all
-   products.
+   products. `--fold K` holds out products K, K + 4, ... instead (fold 1 is the protocol's).
 3. Unknown items: with the held-out products not in the catalog, their `val` photos should
    score below the known products' ones: AUROC, the false-accept rate at 95% true-accept, and
    what the bundle's calibrated threshold does.
@@ -58,9 +58,12 @@ ENROL_PHOTOS = 5
 NOT_TRAINING_OPTIONS = {"data", "out", "holdout", "resume", "device", "threads", "loader_threads"}
 
 
-def held_out_products(fine: list[str], every: int) -> list[str]:
-    """Every `every`-th product starting with the second (ids 1, 5, 9, ...: 20 of 81)."""
-    return fine[1::every]
+def held_out_products(fine: list[str], every: int, fold: int = 1) -> list[str]:
+    """Every `every`-th product starting with id `fold`: fold 1 (ids 1, 5, 9, ...: 20 of 81)
+    is protocol 2's; folds 0 to every - 1 together hold out each product once."""
+    if not 0 <= fold < every:
+        raise SystemExit(f"fold {fold}: pick 0 to {every - 1} (every {every}th product)")
+    return fine[fold::every]
 
 
 def add_recipe_options(p: argparse.ArgumentParser, defaults: bool = True,
@@ -158,7 +161,8 @@ def search(matcher: Matcher, kiosk: Kiosk, truth: list[str], how: str
 def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Product],
                held: Sequence[str] = ()) -> dict[str, list[dict]]:
     """The heads, search and hashing tables; with protocol 2's `held` products, also "trained":
-    what this model, trained on them, gets on their val photos (the bar for enrolling them)."""
+    what this model, trained on them, gets on their val photos (the bar for enrolling them);
+    "photos": each val photo's product and whether the matcher named it first."""
     m = bundle.manifest["metrics"]
     heads = [{"precision": p.upper(), "fine top-1": m[p]["fine_top1"],
               "fine top-5": m[p]["fine_top5"], "coarse top-1": m[p]["coarse_top1"],
@@ -178,6 +182,8 @@ def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Pr
                          "category top-1": np.mean([category[f] == category[t]
                                                     for f, t in zip(first, truth, strict=True)]),
                          "match µs": us})
+        if how == "all products":
+            photos = {"product": list(truth), "right": top1.tolist()}
         if how == "all products" and is_held.any():
             trained.append({"enrolled from": "none: trained on (all-products model)",
                             "search": how, "new top-1": top1[is_held].mean(),
@@ -198,7 +204,8 @@ def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Pr
                         "recall@1": hash_recall(*refs, kiosk.embeddings, candidates, 1),
                         "recall@5": hash_recall(*refs, kiosk.embeddings, candidates, 5),
                         "match µs": us})
-    return {"heads": heads, "search": searches, "hashing": hashing, "trained": trained}
+    return {"heads": heads, "search": searches, "hashing": hashing, "trained": trained,
+            "photos": photos}
 
 
 def catalog(data: Path, labels: Labels) -> list[Product]:
@@ -209,15 +216,20 @@ def catalog(data: Path, labels: Labels) -> list[Product]:
     return products
 
 
+def measure_closed(data: Path, bundle: Bundle, held: Sequence[str] = ()) -> dict:
+    """Protocol 1 with a bundle trained on every product: what `closed_set` gives."""
+    labels, _, val = read_layout(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        return closed_set(bundle, Kiosk(bundle, Path(tmp), val.paths),
+                          [labels.fine[f] for f in val.fine], catalog(data, labels), held)
+
+
 def measure(data: Path, closed_bundle: Bundle, held_bundle: Bundle, held: list[str]
             ) -> dict:
     """Every protocol's rows, on the kiosk's INT8 path: "closed" (heads, search and hashing
     tables), then what `measure_held_out` gives, its "new" table led by what the closed model,
     trained on the held-out products, gets on their photos."""
-    labels, _, val = read_layout(data)
-    with tempfile.TemporaryDirectory() as tmp:
-        closed = closed_set(closed_bundle, Kiosk(closed_bundle, Path(tmp), val.paths),
-                            [labels.fine[f] for f in val.fine], catalog(data, labels), held)
+    closed = measure_closed(data, closed_bundle, held)
     rows = measure_held_out(data, held_bundle, held)
     rows["new"] = closed.pop("trained") + rows["new"]
     return {"closed": closed, **rows}
@@ -225,7 +237,10 @@ def measure(data: Path, closed_bundle: Bundle, held_bundle: Bundle, held: list[s
 
 def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
     """Protocols 2 and 3 with a bundle trained without the `held` products: "new" (them
-    enrolled), "unknown" (them not enrolled) and "new photos" (how many val photos are theirs)."""
+    enrolled), "unknown" (them not enrolled), "new photos" (how many val photos are theirs) and
+    "photos": each val photo's product, whether it is new, its best score with the new products
+    not enrolled, and whether the matcher named it first with them enrolled either way (all
+    products searched), for pooling over folds and seeds."""
     labels, train_split, val = read_layout(data)
     truth = [labels.fine[f] for f in val.fine]
     products = catalog(data, labels)
@@ -245,6 +260,7 @@ def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
                     "unknown rejected": float(np.mean(best[is_new] < threshold))}]
         # 2. new products: enrolled from 5 training photos, or from the iconic photo alone
         new_rows = []
+        photos = {"product": truth, "new": is_new.tolist(), "best score": best.tolist()}
         first_photos = {sku: [str(path) for path, f in zip(train_split.paths, train_split.fine,
                                                            strict=True)
                               if labels.fine[f] == sku][:ENROL_PHOTOS] for sku in held}
@@ -256,6 +272,8 @@ def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
             # the category head never saw the new products: does it still place them?
             for how in ("all products", "top-1 categories", "all products, category prior"):
                 top1, top5, _, _ = search(matcher, kiosk, truth, how)
+                if how == "all products":
+                    photos[f"right, {key}"] = top1.tolist()
                 new_rows.append({"enrolled from": name, "search": how,
                                  "new top-1": top1[is_new].mean(),
                                  "new top-1 95% CI": interval(top1[is_new],
@@ -264,7 +282,8 @@ def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
                                  "known top-1": top1[~is_new].mean(),
                                  "known top-5": top5[~is_new].mean()})
 
-    return {"new": new_rows, "unknown": unknown, "new photos": int(is_new.sum())}
+    return {"new": new_rows, "unknown": unknown, "new photos": int(is_new.sum()),
+            "photos": photos}
 
 
 def main() -> None:
@@ -272,6 +291,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=Path("runs/bench-protocols"))
     p.add_argument("--holdout-every", type=int, default=4)
+    p.add_argument("--fold", type=int, default=1,
+                   help="which every-th products are held out: ids fold, fold + every, ...")
     p.add_argument("--closed-checkpoint", type=Path, help="reuse: trained on every product")
     p.add_argument("--held-out-checkpoint", type=Path, help="reuse: trained without held-out")
     p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
@@ -287,7 +308,7 @@ def main() -> None:
 
     labels = read_layout(args.data)[0]
     catalog(args.data, labels)  # before hours of training
-    held = held_out_products(labels.fine, args.holdout_every)
+    held = held_out_products(labels.fine, args.holdout_every, args.fold)
     reused = []  # which epoch of its schedule each reused checkpoint is
     if args.closed_checkpoint:
         ckpt = read_checkpoint(args.closed_checkpoint)

@@ -12,6 +12,14 @@ pair goes through that bench's three protocols (INT8 bundle, kiosk matcher). The
 compared as mean ± sd over the seeds and, seed by seed, as differences to the first arm (the
 same seed gives the heads the same start and the photos the same order).
 
+One held-out fold judges only 17 new products (20 held out, 3 without val photos), and a
+product's val photos come from one session, so they are right or wrong together: new-product
+top-1 spans about 30 pp at 95%. `--folds 0,1,2,3` trains one held-out model per fold (fold k
+holds out products k, k + every, ...), so every product is new once and about 60 are judged.
+Each top-1 counted on photos is pooled over seeds and folds and comes with its 95% interval
+over products; each difference to the first arm with one that draws the same products again
+for both arms, so what a product's difficulty costs both cancels.
+
 The last epoch is measured, never the epoch that was best on val. Trainings run `--jobs` at a
 time, each in its own process (a GPU trains several at once; on 2 CPU cores use 1), and so do
 the measurements, each on its own share of the cores. Finished trainings and measurements
@@ -46,7 +54,8 @@ from bench.protocols import (
     NOT_TRAINING_OPTIONS,
     add_recipe_options,
     held_out_products,
-    measure,
+    measure_closed,
+    measure_held_out,
     read_checkpoint,
 )
 from bench.report import write_section
@@ -54,25 +63,49 @@ from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
 from trainer.ingest import read_layout
+from trainer.metrics import format_interval, product_interval
 from trainer.train import train
+
+
+def new_photos(result: dict, enrolled: str) -> tuple[list[str], list[bool]]:
+    """Each held-out fold's new-product val photos, pooled: their products, and whether the
+    matcher (all products searched) named them first when enrolled from `enrolled`."""
+    products, right = [], []
+    for fold in result["folds"].values():
+        photos = fold["photos"]
+        new = np.array(photos["new"], bool)
+        products += list(np.array(photos["product"])[new])
+        right += list(np.array(photos[f"right, {enrolled}"], bool)[new])
+    return products, right
+
+
+# what a run judges photo by photo (each photo's product, right or not): pooled over seeds
+# and folds, with intervals drawn over products
+PHOTO_METRICS = {
+    "kiosk matcher top-1": lambda r: (r["closed"]["photos"]["product"],
+                                      r["closed"]["photos"]["right"]),
+    "new, 5 photos": lambda r: new_photos(r, "photos"),
+    "new, catalog photo": lambda r: new_photos(r, "iconic"),
+}
+
+
+def share_right(metric: str):
+    """A photo metric's share of photos right in one run."""
+    return lambda r: float(np.mean(PHOTO_METRICS[metric](r)[1]))
+
 
 # what each run is judged on, read from bench/protocols.py's rows, and the issue's target
 METRICS = {
     "fine top-1 INT8": (lambda r: r["closed"]["heads"][1]["fine top-1"], 0.90),
     "coarse top-1 INT8": (lambda r: r["closed"]["heads"][1]["coarse top-1"], 0.95),
     "INT8/FP32 agree": (lambda r: r["closed"]["heads"][1]["INT8/FP32 agree"], 0.995),
-    "kiosk matcher top-1": (lambda r: r["closed"]["search"][0]["top-1"], None),
-    "new, 5 photos": (lambda r: new_top1(r, "training photos"), 0.85),
-    "new, catalog photo": (lambda r: new_top1(r, "catalog"), 0.60),
-    "unknown AUROC": (lambda r: r["unknown"][0]["AUROC"], 0.90),
+    "kiosk matcher top-1": (share_right("kiosk matcher top-1"), None),
+    "new, 5 photos": (share_right("new, 5 photos"), 0.85),
+    "new, catalog photo": (share_right("new, catalog photo"), 0.60),
+    # mean over the folds: each fold's model scores its own new products
+    "unknown AUROC": (lambda r: float(np.mean([f["unknown"][0]["AUROC"]
+                                               for f in r["folds"].values()])), 0.90),
 }
-
-
-def new_top1(rows: dict, enrolled: str) -> float:
-    """New-product top-1 when enrolled from `enrolled`, searching all products."""
-    return next(r["new top-1"] for r in rows["new"]
-                if enrolled in r["enrolled from"] and r["search"] == "all products")
-
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") or "arm"
@@ -118,20 +151,23 @@ def run_training(cfg: TrainConfig) -> None:
         train(cfg)
 
 
-def run_protocols(data: Path, run: Path, held: list[str], cpus: list[int]) -> None:
-    """Export both last epochs of one arm and seed and measure them (runs in a worker, on
-    `cpus`, so that workers do not slow each other down); the rows go to protocols.json."""
+def run_protocols(data: Path, run: Path, part: str, held: list[str], cpus: list[int]) -> None:
+    """Export one arm and seed's last epoch of `part` ("closed", or a fold trained without
+    `held`) and measure it (runs in a worker, on `cpus`, so that workers do not slow each
+    other down); the rows go to `part`.json."""
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(len(cpus))
-    with open(run / "protocols.log", "a") as log, redirect_stdout(log), redirect_stderr(log):
-        bundles = [export(ExportConfig(checkpoint=str(run / which / "last.pt"), data=str(data),
-                                       out=str(run / f"{which}-bundle"), name=which,
-                                       force=True))
-                   for which in ("closed", "held-out")]
-        rows = measure(data, *bundles, held)
-    rows["train minutes"] = sum(h["seconds"] for h in json.loads(
-        (run / "closed" / "history.json").read_text())) / 60
-    (run / "protocols.json").write_text(json.dumps(rows, indent=1, default=float))
+    which = "closed" if part == "closed" else f"held-out-{part}"
+    with open(run / f"{part}.log", "a") as log, redirect_stdout(log), redirect_stderr(log):
+        bundle = export(ExportConfig(checkpoint=str(run / which / "last.pt"), data=str(data),
+                                     out=str(run / f"{which}-bundle"), name=which, force=True))
+        if part == "closed":
+            rows = measure_closed(data, bundle)
+            rows["train minutes"] = sum(h["seconds"] for h in json.loads(
+                (run / which / "history.json").read_text())) / 60
+        else:
+            rows = measure_held_out(data, bundle, held)
+    (run / f"{part}.json").write_text(json.dumps(rows, indent=1, default=float))
 
 
 def in_parallel(fn, calls: list[tuple], jobs: int, what: str) -> None:
@@ -151,6 +187,29 @@ def cell(values: list[float], pp: bool = False) -> str:
     return f"{v.mean():+.1f}{sd} pp" if pp else f"{v.mean():.3f}{sd}"
 
 
+def photos(runs: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """A photo metric's photos over `runs` (an arm's seeds): their products, right or not."""
+    pairs = [PHOTO_METRICS[metric](r) for r in runs]
+    return (np.concatenate([np.asarray(p, str) for p, _ in pairs]),
+            np.concatenate([np.asarray(r, float) for _, r in pairs]))
+
+
+def share_interval(runs: list[dict], metric: str) -> str:
+    """95% interval over products of an arm's share right, its seeds pooled."""
+    products, right = photos(runs, metric)
+    return format_interval(product_interval(lambda i: right[i].mean(), products))
+
+
+def difference_interval(base: list[dict], arm: list[dict], metric: str) -> str:
+    """95% interval of the arm's share right minus the base's, in pp, whole products drawn
+    again for both at once: the two arms judge the same photos, so a hard product costs
+    both, and only what the arm changes on a product widens the interval."""
+    products, was = photos(base, metric)
+    _, now = photos(arm, metric)
+    low, high = product_interval(lambda i: now[i].mean() - was[i].mean(), products)
+    return f"{100 * low:+.1f} to {100 * high:+.1f} pp"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arm", action="append", required=True, metavar="NAME=OPTIONS",
@@ -161,6 +220,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench-seeds"))
     p.add_argument("--jobs", type=int, default=1, help="trainings (and measurements) at a time")
     p.add_argument("--holdout-every", type=int, default=4)
+    p.add_argument("--folds", default="1",
+                   help="held-out folds, comma-separated: fold k holds out products k, "
+                        "k + every, ... (1: bench/protocols.py's 20; 0,1,2,3: each product once)")
     p.add_argument("--section", default="seeds", help="docs/BENCHMARKS.md section name")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     add_recipe_options(p, skip={"seed"})
@@ -173,7 +235,8 @@ def main() -> None:
     common = {k: v for k, v in vars(args).items()
               if k in TrainConfig.__dataclass_fields__ and k not in NOT_TRAINING_OPTIONS}
     labels = read_layout(args.data)[0]
-    held = held_out_products(labels.fine, args.holdout_every)
+    held = {f"fold{k}": held_out_products(labels.fine, args.holdout_every, int(k))
+            for k in args.folds.split(",") if k.strip()}
     cores = sorted(os.sched_getaffinity(0))
 
     share = max(1, len(cores) // jobs)
@@ -182,7 +245,8 @@ def main() -> None:
     trainings = []
     for name, changes in arms:
         for seed in seeds:
-            for which, holdout in (("closed", ""), ("held-out", ",".join(held))):
+            for which, holdout in (("closed", ""), *((f"held-out-{fold}", ",".join(products))
+                                                     for fold, products in held.items())):
                 cfg = TrainConfig(**{**common, **changes, "data": str(args.data), "seed": seed,
                                      "holdout": holdout, "resume": True,
                                      "out": str(runs[name, seed] / which)})
@@ -191,52 +255,81 @@ def main() -> None:
                 if not finished(cfg):
                     trainings.append((cfg,))
     in_parallel(run_training, trainings, jobs, "training")
-    todo = [run for run in runs.values() if not (run / "protocols.json").is_file()]
+    todo = [(run, part, held.get(part, [])) for run in runs.values()
+            for part in ("closed", *held) if not (run / f"{part}.json").is_file()]
     workers = max(1, min(jobs, len(todo)))
     share = max(1, len(cores) // workers)
-    in_parallel(run_protocols, [(args.data, run, held, cores[i % workers * share:][:share])
-                                for i, run in enumerate(todo)], workers, "measuring")
-    results = {key: json.loads((run / "protocols.json").read_text())
+    in_parallel(run_protocols, [(args.data, run, part, products,
+                                 cores[i % workers * share:][:share])
+                                for i, (run, part, products) in enumerate(todo)], workers,
+                "measuring")
+    results = {key: {"closed": json.loads((run / "closed.json").read_text()),
+                     "folds": {fold: json.loads((run / f"{fold}.json").read_text())
+                               for fold in held}}
                for key, run in runs.items()}
+    of = {name: [results[name, s] for s in seeds] for name, _ in arms}
 
     base = arms[0][0]
     compare = []
     for metric, (read, target) in METRICS.items():
         row = {"metric": metric, "target": target}
         for name, _ in arms:
-            row[name] = cell([read(results[name, s]) for s in seeds])
+            row[name] = cell([read(r) for r in of[name]])
+            if metric in PHOTO_METRICS:
+                row[name] += f" ({share_interval(of[name], metric)})"
         for name, _ in arms[1:]:
-            row[f"{name} - {base}"] = cell([read(results[name, s]) - read(results[base, s])
-                                            for s in seeds], pp=True)
+            row[f"{name} - {base}"] = cell([read(a) - read(b)
+                                            for a, b in zip(of[name], of[base], strict=True)],
+                                           pp=True)
+            if metric in PHOTO_METRICS:
+                row[f"{name} - {base}, 95% CI"] = difference_interval(of[base], of[name], metric)
         compare.append(row)
     compare.append({"metric": "train minutes (all products)",
-                    **{name: cell([results[name, s]["train minutes"] for s in seeds])
+                    **{name: cell([r["closed"]["train minutes"] for r in of[name]])
                        for name, _ in arms}})
-    columns = ["metric", "target", *(n for n, _ in arms), *(f"{n} - {base}" for n, _ in arms[1:])]
+    columns = ["metric", "target", *(n for n, _ in arms),
+               *(c for n, _ in arms[1:] for c in (f"{n} - {base}", f"{n} - {base}, 95% CI"))]
     per_run = [{"arm": name, "seed": seed,
                 **{metric: read(results[name, seed]) for metric, (read, _) in METRICS.items()},
-                "train minutes": results[name, seed]["train minutes"]}
+                "train minutes": results[name, seed]["closed"]["train minutes"]}
                for name, _ in arms for seed in seeds]
     run_columns = ["arm", "seed", *METRICS, "train minutes"]
-    print(f"\nArms over seeds {args.seeds} (mean ± sd)\n{format_table(compare, columns)}")
+    per_fold = [{"arm": name, "seed": seed, "fold": fold,
+                 "new products": len(set(np.array(f["photos"]["product"])[f["photos"]["new"]])),
+                 "new photos": f["new photos"],
+                 **{metric: METRICS[metric][0]({"folds": {fold: f}})
+                    for metric in ("new, 5 photos", "new, catalog photo", "unknown AUROC")}}
+                for name, _ in arms for seed in seeds
+                for fold, f in results[name, seed]["folds"].items()]
+    fold_columns = ["arm", "seed", "fold", "new products", "new photos", "new, 5 photos",
+                    "new, catalog photo", "unknown AUROC"]
+    judged = photos(of[base][:1], "new, 5 photos")[0]
+    print(f"\nArms over seeds {args.seeds} (mean ± sd; photo metrics pooled over seeds and "
+          f"folds, 95% intervals over products)\n{format_table(compare, columns)}")
     print(f"\nEach run\n{format_table(per_run, run_columns)}")
+    print(f"\nEach held-out fold\n{format_table(per_fold, fold_columns)}")
     if args.no_docs:
         return
     recipe = ", ".join(f"{k}={v}" for k, v in common.items()
                        if getattr(TrainConfig, k, None) != v)
     arms_text = "; ".join(f"**{name}**: {options(changes) or 'the recipe as it is'}"
                           for name, changes in arms)
+    folds_text = "; ".join(f"{fold}: {', '.join(products)}" for fold, products in held.items())
     body = (f"Common recipe: {recipe or 'defaults'}. Arms: {arms_text}. Seeds {args.seeds}; "
-            f"each arm and seed trained on every product and with {len(held)} products held "
-            "out (bench/protocols.py's), the last epoch of each exported and measured by "
-            "bench/protocols.py on the INT8 bundle and the kiosk matcher. Cells are mean ± "
-            "sample sd over the seeds; a difference column is the arm minus the first arm, "
-            "seed by seed, in percentage points.\n\n"
+            "each arm and seed trained once on every product and once per held-out fold "
+            f"({folds_text}). The last epoch of each is exported and measured by "
+            "bench/protocols.py on the INT8 bundle and the kiosk matcher; a new product is "
+            f"judged by the model of its fold ({len(set(judged))} new products with "
+            f"{len(judged)} val photos per seed). Cells are mean ± sample sd over the seeds; "
+            "for a top-1 counted on photos, in brackets its 95% interval over products (seeds "
+            "and folds pooled, bench/protocols.py's). A difference column is the arm minus the "
+            "first arm, seed by seed, in percentage points; its 95% interval draws the same "
+            "products again for both arms.\n\n"
             f"{format_markdown_table(compare, columns)}\n\n**Each run**\n\n"
-            f"{format_markdown_table(per_run, run_columns)}")
+            f"{format_markdown_table(per_run, run_columns)}\n\n**Each held-out fold**\n\n"
+            f"{format_markdown_table(per_fold, fold_columns)}")
     write_section(args.section, "Recipe arms over seeds"
                   + (f" ({args.section})" if args.section != "seeds" else ""), body)
-
 
 if __name__ == "__main__":
     main()

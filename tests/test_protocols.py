@@ -169,3 +169,16 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
     for row in rows:
         low, high = map(float, row[-2].split("-"))
         assert 0 <= low <= high <= 1 and 0 <= float(row[-3]) <= 1 and 0 <= float(row[-1]) <= 1
+
+
+def test_held_out_folds_hold_out_each_product_once() -> None:
+    """Protocol 2's fold stays ids 1, 5, 9, ...; the 4 folds together hold out every product
+    once, so a multi-fold run judges each as a new product; a fold past them is refused."""
+    from bench.protocols import held_out_products
+
+    fine = [f"p{i}" for i in range(81)]
+    folds = [held_out_products(fine, 4, k) for k in range(4)]
+    assert held_out_products(fine, 4) == folds[1] == fine[1::4] and len(folds[1]) == 20
+    assert sorted(p for fold in folds for p in fold) == sorted(fine)
+    with pytest.raises(SystemExit, match="fold 4: pick 0 to 3"):
+        held_out_products(fine, 4, 4)

@@ -1,7 +1,9 @@
-"""bench/seeds.py on a small synthetic shop: arms over seeds, compared seed by seed."""
+"""bench/seeds.py on a small synthetic shop: arms over seeds and held-out folds, compared seed
+by seed and product by product."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ def seeds_bench(data: Path, out: Path, *arms: str) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, str(ROOT / "bench" / "seeds.py"), "--data", data, "--out", out,
          *(a for arm in arms for a in ("--arm", arm)), "--seeds", "0,1", "--size", "64",
-         "--epochs", "1", "--batch-size", "8", "--jobs", "2", "--no-docs"],
+         "--epochs", "1", "--batch-size", "8", "--jobs", "2", "--folds", "0,1", "--no-docs"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -31,17 +33,39 @@ def test_seeds_bench_compares_arms_seed_by_seed(tmp_path: Path) -> None:
     for metric in ("fine top-1 INT8", "INT8/FP32 agree", "new, 5 photos", "new, catalog photo",
                    "unknown AUROC", "train minutes"):
         assert metric in text
-    runs = [ln.split() for ln in text.split("Each run")[1].splitlines()
+    runs = [ln.split() for ln in text.split("Each run")[1].split("Each held-out")[0].splitlines()
             if ln.startswith(("base", "no margin"))]
     assert [(r[0], r[-9]) for r in runs] == [("base", "0"), ("base", "1"), ("no", "0"),
                                              ("no", "1")]
-    # each arm and seed trained with and without the held-out products, the last epoch kept
+    # each arm and seed trained on every product and once per held-out fold, the last epoch kept
     for arm in ("base", "no-margin"):
         for seed in (0, 1):
             run = out / arm / f"seed{seed}"
-            assert (run / "closed" / "last.pt").is_file()
-            assert (run / "held-out" / "last.pt").is_file()
-            assert (run / "protocols.json").is_file()
+            for part in ("closed", "held-out-fold0", "held-out-fold1"):
+                assert (run / part / "last.pt").is_file()
+            for part in ("closed", "fold0", "fold1"):
+                assert (run / f"{part}.json").is_file()
+
+    # new products pooled over the folds: a run's top-1 is its folds' top-1s weighted by
+    # their photos, each fold's products judged by the model that never saw them
+    folds = [ln.split() for ln in text.split("Each held-out fold")[1].splitlines()
+             if ln.startswith(("base", "no margin"))]
+    assert len(folds) == 8  # 2 arms x 2 seeds x 2 folds
+    for i, run in enumerate(runs):
+        mine = folds[2 * i:2 * i + 2]
+        assert [f[-5] for f in mine] == ["2", "2"]  # 2 of the 8 products held out per fold
+        photos = [int(f[-4]) for f in mine]
+        for fold_column, run_column in ((-3, -4), (-2, -3)):  # 5 photos, catalog photo
+            pooled = sum(n * float(f[fold_column]) for n, f in zip(photos, mine, strict=True))
+            assert abs(pooled / sum(photos) - float(run[run_column])) <= 0.0015
+    # photo metrics carry their interval over products, differences one drawn in pairs
+    table = text.split("Arms over")[1].split("Each run")[0]
+    assert "no margin - base, 95% CI" in table
+    for metric in ("kiosk matcher top-1", "new, 5 photos", "new, catalog photo"):
+        row = next(ln for ln in table.splitlines() if ln.startswith(metric))
+        low, high = map(float, re.findall(r"\(([01]\.\d\d)-([01]\.\d\d)\)", row)[0])
+        assert 0 <= low <= high <= 1
+        assert re.search(r"[-+]\d+\.\d to [-+]\d+\.\d pp", row)
 
     # a second run reuses every training and measurement: the same tables come out
     logs = sorted(out.glob("*/seed*/*/train.log"))
