@@ -42,7 +42,10 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
     from trainer.train import train
 
     root = tmp_path_factory.mktemp("demo")
-    generate_demo(root / "data", products=12, train=20, val=5, scans=8, size=160, seed=7)
+    # 15 val photos a product: they calibrate the unknown threshold (its 5th percentile). With
+    # 5 (60 photos: the 3rd lowest sets it) an Intel Xeon without native bf16 left 20 of the
+    # 96 known scans below it; the same model calibrated on 120 or 240 photos left 15
+    generate_demo(root / "data", products=12, train=20, val=15, scans=8, size=160, seed=7)
     t0 = time.time()
     best = train(TrainConfig(data=str(root / "data"), out=str(root / "run"), size=112,
                              epochs=10, batch_size=24, lr=0.02, seed=0,
@@ -59,9 +62,8 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
                              # fp32) 8 left 12 of 96 below it (94 of 96 ranked right), 10 left 4
                              erasing=0.0))
     seconds = time.time() - t0
-    # 60 val photos: one INT8/FP32 disagreement is already 1.7%, so the gate is looser here.
     export(ExportConfig(checkpoint=str(best), data=str(root / "data"), out=str(root / "bundle"),
-                        name="e2e", version="1", calibration_photos=96, min_agreement=0.95))
+                        name="e2e", version="1", calibration_photos=96))
     Catalog(root / "catalog.db").upsert(read_products(root / "data" / "catalog"))
     Pipeline.open(root / "bundle", root / "catalog.db")  # computes the reference embeddings
     return TrainedDemo(root / "data", root / "run", root / "bundle", root / "catalog.db", seconds)

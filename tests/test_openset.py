@@ -125,15 +125,18 @@ def test_a_product_the_shop_does_not_sell_comes_back_unknown_with_its_best_guess
         assert len(guesses) == 6 and guesses == sorted(guesses, reverse=True)
         assert guesses[0] == r["similarity"]
 
-    # what the shop sells is still named: the threshold keeps 95% of recognised photos by
-    # design, so of its 64 scans a few may come back unknown, never many
+    # what the shop sells is still named, never as another product: the threshold keeps 95%
+    # of recognised val photos by design, so of its 64 scans some may come back unknown (8 of
+    # 64 on an Intel Xeon without native bf16), never many
     sold = sorted({p.name for p in (trained_demo.data / "scans").glob("*/*")}
                   - set(UNSTOCKED))
     stocked = storyscan("scan", *scans(trained_demo, *sold), "--json",
                         "--bundle", trained_demo.bundle, "--catalog", partial_shop)
     rows = [json.loads(line) for line in stocked.stdout.splitlines()]
     right = sum(not r["unknown"] and r["sku"] == Path(r["source"]).parent.name for r in rows)
-    assert len(rows) == 64 and right >= 0.85 * len(rows), right
+    unknown = sum(r["unknown"] for r in rows)
+    assert len(rows) == 64 and right + unknown >= len(rows) - 1, (right, unknown)
+    assert unknown <= 0.20 * len(rows), unknown
 
 
 @pytest.mark.slow
