@@ -182,9 +182,10 @@ def closed_set(bundle: Bundle, kiosk: Kiosk, truth: list[str], products: list[Pr
                          "category top-1": np.mean([category[f] == category[t]
                                                     for f, t in zip(first, truth, strict=True)]),
                          "match µs": us})
-        if how == "all products":
-            photos = {"product": list(truth), "right": top1.tolist()}
-        if how == "all products" and is_held.any():
+        if how != "all products":
+            continue
+        photos = {"product": list(truth), "right": top1.tolist()}
+        if is_held.any():
             trained.append({"enrolled from": "none: trained on (all-products model)",
                             "search": how, "new top-1": top1[is_held].mean(),
                             "new top-1 95% CI": interval(top1[is_held],
@@ -238,9 +239,9 @@ def measure(data: Path, closed_bundle: Bundle, held_bundle: Bundle, held: list[s
 def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
     """Protocols 2 and 3 with a bundle trained without the `held` products: "new" (them
     enrolled), "unknown" (them not enrolled), "new photos" (how many val photos are theirs) and
-    "photos": each val photo's product, whether it is new, its best score with the new products
-    not enrolled, and whether the matcher named it first with them enrolled either way (all
-    products searched), for pooling over folds and seeds."""
+    "photos": each val photo's product, whether it is new, and whether the matcher named it
+    first with them enrolled either way (all products searched), for pooling over folds and
+    seeds."""
     labels, train_split, val = read_layout(data)
     truth = [labels.fine[f] for f in val.fine]
     products = catalog(data, labels)
@@ -260,7 +261,7 @@ def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
                     "unknown rejected": float(np.mean(best[is_new] < threshold))}]
         # 2. new products: enrolled from 5 training photos, or from the iconic photo alone
         new_rows = []
-        photos = {"product": truth, "new": is_new.tolist(), "best score": best.tolist()}
+        photos = {"product": truth, "new": is_new.tolist()}
         first_photos = {sku: [str(path) for path, f in zip(train_split.paths, train_split.fine,
                                                            strict=True)
                               if labels.fine[f] == sku][:ENROL_PHOTOS] for sku in held}

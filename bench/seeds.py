@@ -54,6 +54,7 @@ from bench.protocols import (
     NOT_TRAINING_OPTIONS,
     add_recipe_options,
     held_out_products,
+    interval,
     measure_closed,
     measure_held_out,
     read_checkpoint,
@@ -63,7 +64,7 @@ from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
 from trainer.ingest import read_layout
-from trainer.metrics import format_interval, product_interval
+from trainer.metrics import product_interval
 from trainer.train import train
 
 
@@ -106,6 +107,7 @@ METRICS = {
     "unknown AUROC": (lambda r: float(np.mean([f["unknown"][0]["AUROC"]
                                                for f in r["folds"].values()])), 0.90),
 }
+
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") or "arm"
@@ -194,12 +196,6 @@ def photos(runs: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([np.asarray(r, float) for _, r in pairs]))
 
 
-def share_interval(runs: list[dict], metric: str) -> str:
-    """95% interval over products of an arm's share right, its seeds pooled."""
-    products, right = photos(runs, metric)
-    return format_interval(product_interval(lambda i: right[i].mean(), products))
-
-
 def difference_interval(base: list[dict], arm: list[dict], metric: str) -> str:
     """95% interval of the arm's share right minus the base's, in pp, whole products drawn
     again for both at once: the two arms judge the same photos, so a hard product costs
@@ -276,7 +272,8 @@ def main() -> None:
         for name, _ in arms:
             row[name] = cell([read(r) for r in of[name]])
             if metric in PHOTO_METRICS:
-                row[name] += f" ({share_interval(of[name], metric)})"
+                products, right = photos(of[name], metric)
+                row[name] += f" ({interval(right, products)})"
         for name, _ in arms[1:]:
             row[f"{name} - {base}"] = cell([read(a) - read(b)
                                             for a, b in zip(of[name], of[base], strict=True)],
@@ -330,6 +327,7 @@ def main() -> None:
             f"{format_markdown_table(per_fold, fold_columns)}")
     write_section(args.section, "Recipe arms over seeds"
                   + (f" ({args.section})" if args.section != "seeds" else ""), body)
+
 
 if __name__ == "__main__":
     main()
