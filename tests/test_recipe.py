@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from trainer.train import (
     cutmix,
     freeze_stages,
     load_checkpoint,
+    native_bf16,
     pick_precision,
     train,
     update_ema,
@@ -212,14 +214,32 @@ def test_freezing_more_stages_than_the_backbone_has_is_refused() -> None:
     assert model.backbone.layer2[0].conv1.weight.requires_grad
 
 
+def cpu_flags() -> set[str]:
+    """This Linux CPU's feature flags, as the kernel names them."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def test_precision_bf16_only_where_native() -> None:
     cpu = torch.device("cpu")
     assert pick_precision("fp32", cpu) is None
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = native_bf16(cpu)
     assert pick_precision("auto", cpu) == (torch.bfloat16 if native else None)
     if not native:
         with pytest.raises(DataError, match="no native bf16"):
             pick_precision("bf16", cpu)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(),
+                    reason="reads the x86 CPU flags of Linux's /proc/cpuinfo")
+def test_auto_precision_skips_bf16_that_avx512_only_emulates() -> None:
+    # an AVX-512 CPU without AVX512-BF16 or AMX runs bf16 convolutions by converting to FP32
+    # (1.8x slower Lite2 steps): auto must train it in FP32
+    flags = cpu_flags()
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert pick_precision("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
 
 
 def test_cli_arch_choices_are_the_buildable_architectures() -> None:

@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import platform
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -178,13 +179,24 @@ def pick_device(name: str) -> torch.device:
                         else "cpu" if name == "auto" else name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware. On x86 that takes AVX512-BF16 or AMX: oneDNN
+    also runs bf16 on plain AVX-512 (what `torch.ops.mkldnn._is_mkldnn_bf16_supported` reports),
+    by converting to FP32, and there a Lite2 training step took 1.8x as long as FP32's
+    (bench/train_speed.py, train-speed-emulated-bf16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # Arm: true only with BF16 instructions
+
+
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: plain FP32). bf16 only where it is native: emulated bf16 on
     an older CPU is slower than FP32."""
     if name == "fp32":
         return None
-    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-              else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = native_bf16(device)
     if name == "bf16" and not native:
         raise DataError(f"--precision bf16: {device} has no native bf16; use fp32")
     return torch.bfloat16 if native else None
