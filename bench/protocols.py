@@ -239,9 +239,9 @@ def measure(data: Path, closed_bundle: Bundle, held_bundle: Bundle, held: list[s
 def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
     """Protocols 2 and 3 with a bundle trained without the `held` products: "new" (them
     enrolled), "unknown" (them not enrolled), "new photos" (how many val photos are theirs) and
-    "photos": each val photo's product, whether it is new, and whether the matcher named it
-    first with them enrolled either way (all products searched), for pooling over folds and
-    seeds."""
+    "photos": each val photo's product, whether it is new, its unknown score (best similarity
+    with them not enrolled), and whether the matcher named it first with them enrolled either
+    way (all products searched), for pooling over folds and seeds."""
     labels, train_split, val = read_layout(data)
     truth = [labels.fine[f] for f in val.fine]
     products = catalog(data, labels)
@@ -261,7 +261,7 @@ def measure_held_out(data: Path, held_bundle: Bundle, held: list[str]) -> dict:
                     "unknown rejected": float(np.mean(best[is_new] < threshold))}]
         # 2. new products: enrolled from 5 training photos, or from the iconic photo alone
         new_rows = []
-        photos = {"product": truth, "new": is_new.tolist()}
+        photos = {"product": truth, "new": is_new.tolist(), "unknown score": best.tolist()}
         first_photos = {sku: [str(path) for path, f in zip(train_split.paths, train_split.fine,
                                                            strict=True)
                               if labels.fine[f] == sku][:ENROL_PHOTOS] for sku in held}

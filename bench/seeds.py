@@ -18,7 +18,9 @@ top-1 spans about 30 pp at 95%. `--folds 0,1,2,3` trains one held-out model per 
 holds out products k, k + every, ...), so every product is new once and about 60 are judged.
 Each top-1 counted on photos is pooled over seeds and folds and comes with its 95% interval
 over products; each difference to the first arm with one that draws the same products again
-for both arms, so what a product's difficulty costs both cancels.
+for both arms, so what a product's difficulty costs both cancels. The unknown AUROC is each
+fold model's own, averaged; its interval draws products too, each with its photos in every
+fold (unknown in its own, known in the others).
 
 The last epoch is measured, never the epoch that was best on val. Trainings run `--jobs` at a
 time, each in its own process (a GPU trains several at once; on 2 CPU cores use 1), and so do
@@ -64,7 +66,7 @@ from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
 from trainer.ingest import read_layout
-from trainer.metrics import product_interval
+from trainer.metrics import auroc, format_interval, product_interval
 from trainer.train import train
 
 
@@ -107,6 +109,52 @@ METRICS = {
     "unknown AUROC": (lambda r: float(np.mean([f["unknown"][0]["AUROC"]
                                                for f in r["folds"].values()])), 0.90),
 }
+
+
+def scored_photos(runs: list[dict]) -> dict[str, np.ndarray]:
+    """Every held-out fold's val photos over `runs` (an arm's seeds): each one's product, its
+    fold model ("seed/fold"), whether it is unknown there (held out) and its unknown score."""
+    cols: dict[str, list] = {"product": [], "model": [], "unknown": [], "score": []}
+    for s, run in enumerate(runs):
+        for fold, f in run["folds"].items():
+            photos = f["photos"]
+            cols["product"] += photos["product"]
+            cols["model"] += [f"{s}/{fold}"] * len(photos["product"])
+            cols["unknown"] += photos["new"]
+            cols["score"] += photos["unknown score"]
+    return {k: np.asarray(v, bool if k == "unknown" else None) for k, v in cols.items()}
+
+
+def mean_auroc(photos: dict[str, np.ndarray], i: np.ndarray) -> float:
+    """The unknown AUROC of photos `i` (a photo drawn twice counts twice), each fold model's
+    own, averaged over the models; NaN where no model has both known and unknown photos."""
+    areas = []
+    for model in np.unique(photos["model"][i]):
+        j = i[photos["model"][i] == model]
+        unknown = photos["unknown"][j]
+        if unknown.any() and not unknown.all():
+            areas.append(auroc(photos["score"][j][~unknown], photos["score"][j][unknown]))
+    return float(np.mean(areas)) if areas else float("nan")
+
+
+def auroc_interval(runs: list[dict]) -> str:
+    """95% interval of the mean unknown AUROC, whole products drawn again: a product is
+    unknown in its own fold and known in the others, so it is drawn with all its photos in
+    every fold at once."""
+    photos = scored_photos(runs)
+    return format_interval(product_interval(lambda i: mean_auroc(photos, i),
+                                            photos["product"]))
+
+
+def auroc_difference_interval(base: list[dict], arm: list[dict]) -> str:
+    """95% interval of the arm's mean unknown AUROC minus the base's, in pp, the same
+    products drawn again for both."""
+    was, now = scored_photos(base), scored_photos(arm)
+    if not np.array_equal(was["product"], now["product"]):
+        raise SystemExit("unknown AUROC: the arms judged different photos (other data?)")
+    low, high = product_interval(lambda i: mean_auroc(now, i) - mean_auroc(was, i),
+                                 was["product"])
+    return f"{100 * low:+.1f} to {100 * high:+.1f} pp"
 
 
 def slug(name: str) -> str:
@@ -274,12 +322,16 @@ def main() -> None:
             if metric in PHOTO_METRICS:
                 products, right = photos(of[name], metric)
                 row[name] += f" ({interval(right, products)})"
+            elif metric == "unknown AUROC":
+                row[name] += f" ({auroc_interval(of[name])})"
         for name, _ in arms[1:]:
             row[f"{name} - {base}"] = cell([read(a) - read(b)
                                             for a, b in zip(of[name], of[base], strict=True)],
                                            pp=True)
             if metric in PHOTO_METRICS:
                 row[f"{name} - {base}, 95% CI"] = difference_interval(of[base], of[name], metric)
+            elif metric == "unknown AUROC":
+                row[f"{name} - {base}, 95% CI"] = auroc_difference_interval(of[base], of[name])
         compare.append(row)
     compare.append({"metric": "train minutes (all products)",
                     **{name: cell([r["closed"]["train minutes"] for r in of[name]])
@@ -319,9 +371,10 @@ def main() -> None:
             f"judged by the model of its fold ({len(set(judged))} new products with "
             f"{len(judged)} val photos per seed). Cells are mean ± sample sd over the seeds; "
             "for a top-1 counted on photos, in brackets its 95% interval over products (seeds "
-            "and folds pooled, bench/protocols.py's). A difference column is the arm minus the "
-            "first arm, seed by seed, in percentage points; its 95% interval draws the same "
-            "products again for both arms.\n\n"
+            "and folds pooled, bench/protocols.py's); for the unknown AUROC (each fold model's "
+            "own, averaged), one that draws products with their photos in every fold. A "
+            "difference column is the arm minus the first arm, seed by seed, in percentage "
+            "points; its 95% interval draws the same products again for both arms.\n\n"
             f"{format_markdown_table(compare, columns)}\n\n**Each run**\n\n"
             f"{format_markdown_table(per_run, run_columns)}\n\n**Each held-out fold**\n\n"
             f"{format_markdown_table(per_fold, fold_columns)}")

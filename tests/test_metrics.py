@@ -279,3 +279,13 @@ def test_product_interval_keeps_each_stratum_whole() -> None:
     assert product_interval(lambda i: float(unknown[i].sum()), products, unknown) == (15, 15)
     with pytest.raises(ValueError, match="one product and stratum per photo"):
         product_interval(lambda i: 0.0, products, unknown[:-1])
+
+
+def test_product_interval_leaves_out_draws_where_the_stat_is_undefined() -> None:
+    """A draw without a product the stat needs (NaN) is left out, not a NaN interval."""
+    products = np.arange(4)  # one photo each; product 0 is the only one of its kind
+    rare = products == 0
+    low, high = product_interval(lambda i: 1.0 if rare[i].any() else float("nan"), products)
+    assert (low, high) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="undefined"):
+        product_interval(lambda i: float("nan"), products)

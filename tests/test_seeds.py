@@ -61,7 +61,8 @@ def test_seeds_bench_compares_arms_seed_by_seed(tmp_path: Path) -> None:
     # photo metrics carry their interval over products, differences one drawn in pairs
     table = text.split("Arms over")[1].split("Each run")[0]
     assert "no margin - base, 95% CI" in table
-    for metric in ("kiosk matcher top-1", "new, 5 photos", "new, catalog photo"):
+    for metric in ("kiosk matcher top-1", "new, 5 photos", "new, catalog photo",
+                   "unknown AUROC"):
         row = next(ln for ln in table.splitlines() if ln.startswith(metric))
         low, high = map(float, re.findall(r"\(([01]\.\d\d)-([01]\.\d\d)\)", row)[0])
         assert 0 <= low <= high <= 1
@@ -79,3 +80,29 @@ def test_seeds_bench_compares_arms_seed_by_seed(tmp_path: Path) -> None:
     other = seeds_bench(data, out, "base=", "no margin=--margin 0.1")
     assert other.returncode != 0
     assert "not this arm's recipe" in other.stderr.strip().splitlines()[-1]
+
+
+def fold_run(scores: dict[str, list[float]]) -> dict:
+    """A run's folds as bench/seeds.py reads them: fold k holds out products k and k + 2 of
+    a, b, c, d (two val photos each), scored `scores[fold]`."""
+    products = [p for p in "abcd" for _ in range(2)]
+    return {"folds": {fold: {"photos": {"product": products,
+                                        "new": [p in "abcd"[k::2] for p in products],
+                                        "unknown score": scores[fold]}}
+                      for k, fold in enumerate(("fold0", "fold1"))}}
+
+
+def test_unknown_auroc_interval_draws_products_across_folds() -> None:
+    from bench.seeds import auroc_difference_interval, auroc_interval
+
+    # fold0 holds out a and c, fold1 b and d: known photos score 0.9, unknown ones 0.1
+    apart = fold_run({"fold0": [0.1, 0.1, 0.9, 0.9, 0.1, 0.1, 0.9, 0.9],
+                      "fold1": [0.9, 0.9, 0.1, 0.1, 0.9, 0.9, 0.1, 0.1]})
+    assert auroc_interval([apart]) == "1.00-1.00"
+    assert auroc_difference_interval([apart], [apart]) == "+0.0 to +0.0 pp"
+    # fold1's model gets it backwards: its AUROC falls from 1 to 0, the mean of the two
+    # models' by 50 pp on every draw (a draw judging neither model is left out)
+    backwards = fold_run({"fold0": apart["folds"]["fold0"]["photos"]["unknown score"],
+                          "fold1": [0.1, 0.1, 0.9, 0.9, 0.1, 0.1, 0.9, 0.9]})
+    assert auroc_interval([backwards]) == "0.50-0.50"
+    assert auroc_difference_interval([apart], [backwards]) == "-50.0 to -50.0 pp"

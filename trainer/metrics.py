@@ -299,7 +299,8 @@ def product_interval(stat: Callable[[np.ndarray], float], products: Sequence,
     A product's photos are not independent draws: Grocery shoots each product's val photos
     in one session, so they tend to be all right or all wrong together. Resampling photos
     would give an interval as if there were 296 chances where there are 60 products; what
-    the number would do on other products is what this interval shows."""
+    the number would do on other products is what this interval shows. A draw on which `stat`
+    is undefined (NaN: say, no unknown product drawn) is left out."""
     products = np.asarray(products)
     strata = np.zeros(len(products), int) if strata is None else np.asarray(strata)
     if len(products) != len(strata) or not len(products):
@@ -308,9 +309,12 @@ def product_interval(stat: Callable[[np.ndarray], float], products: Sequence,
     groups = [[np.flatnonzero((strata == s) & (products == p))
                for p in np.unique(products[strata == s])] for s in np.unique(strata)]
     rng = np.random.default_rng(seed)
-    values = [stat(np.concatenate([g[i] for g in groups
-                                   for i in rng.integers(0, len(g), len(g))]))
-              for _ in range(rounds)]
+    values = np.array([stat(np.concatenate([g[i] for g in groups
+                                            for i in rng.integers(0, len(g), len(g))]))
+                       for _ in range(rounds)], np.float64)
+    values = values[~np.isnan(values)]  # draws where the stat is undefined (NaN) are left out
+    if not values.size:
+        raise ValueError("the stat is undefined (NaN) on every draw")
     low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
     return float(low), float(high)
 
