@@ -182,8 +182,8 @@ def pick_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware. On x86 that takes AVX512-BF16 or AMX: oneDNN
     also runs bf16 on plain AVX-512 (what `torch.ops.mkldnn._is_mkldnn_bf16_supported` reports),
-    by converting to FP32, and there a Lite2 training step took 1.8x as long as FP32's
-    (bench/train_speed.py, train-speed-emulated-bf16)."""
+    by converting to FP32, and there a shipped Lite2 training step took 2.4x as long as FP32's
+    (bench/train_speed.py, train-speed-intel-fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
