@@ -151,7 +151,8 @@ def test_studio_photo_of_an_untrained_product_gets_shop_views(trained_demo: Trai
     assert len(pipeline.matcher) == 14
     new = vectors[[i for i, s in enumerate(skus) if s == "JUI-001"]]
     assert len(np.unique(new.round(4), axis=0)) == 1 + SHOP_VIEWS  # each view its own
-    result = pipeline.recognize(studio_photo())
+    # the photo as the kiosk read it from its file (studio_photo() is BGR, as OpenCV writes)
+    result = pipeline.recognize(cv2.cvtColor(studio_photo(), cv2.COLOR_BGR2RGB))
     assert result.sku == "JUI-001" and result.similarity > 0.99
 
     (tmp_path / "off").mkdir()

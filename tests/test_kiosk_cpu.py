@@ -94,9 +94,9 @@ CLI = "import sys; sys.argv[0] = 'storyscan'; from device.cli import main; main(
 
 
 def scanned(bundle: Path, catalog: Path, scans: Path, env: dict[str, str] | None = None,
-            python: list[str] | None = None) -> dict[str, tuple[str | None, float]]:
-    """Each scan's answer (None: unknown) and best similarity, from `storyscan scan` run by
-    this machine's Python or by `python`."""
+            python: list[str] | None = None) -> dict[str, tuple[str | None, float, float]]:
+    """Each scan's answer (None: unknown), best similarity and the runner-up product's, from
+    `storyscan scan` run by this machine's Python or by `python`."""
     args = ("scan", scans, "--bundle", bundle, "--catalog", catalog, "--json")
     if python is None:
         done = storyscan(*args, env=env)
@@ -105,7 +105,9 @@ def scanned(bundle: Path, catalog: Path, scans: Path, env: dict[str, str] | None
     else:
         out = run_python(CLI, *args, env=env, python=python)
     rows = [json.loads(line) for line in out.splitlines()]
-    return {Path(r["source"]).name: (r["sku"], r["similarity"]) for r in rows}
+    return {Path(r["source"]).name: (r["sku"], r["similarity"],
+                                     r["alternatives"][0]["similarity"] if r["alternatives"]
+                                     else -1.0) for r in rows}
 
 
 def check_kiosk(trained_demo: TrainedDemo, tmp_path: Path, env: dict[str, str],
@@ -122,10 +124,12 @@ def check_kiosk(trained_demo: TrainedDemo, tmp_path: Path, env: dict[str, str],
     here = scanned(trained_demo.bundle, trained_demo.catalog, scans)
     there = scanned(trained_demo.bundle, catalog, scans, env=env, python=python)
     assert there.keys() == here.keys() and len(here) >= 8
-    assert sum(sku is not None for sku, _ in here.values()) >= len(here) // 2
-    # never another product; a scan right at the unknown threshold may fall either side of it
+    assert sum(sku is not None for sku, *_ in here.values()) >= len(here) // 2
+    # never another product, unless two were as near as the CPUs' sums move a similarity
+    # (below); a scan right at the unknown threshold may fall either side of it
     assert all(there[n][0] == here[n][0] for n in here
-               if here[n][0] is not None and there[n][0] is not None)
+               if here[n][0] is not None and there[n][0] is not None
+               and here[n][1] - here[n][2] >= 0.05)
     # the int16 sums of an AVX2 CPU move a best similarity by up to 0.023 on this model
     assert max(abs(there[n][1] - here[n][1]) for n in here) < 0.05
     assert sum(there[n][0] == here[n][0] for n in here) >= 0.95 * len(here)
