@@ -214,14 +214,6 @@ def test_freezing_more_stages_than_the_backbone_has_is_refused() -> None:
     assert model.backbone.layer2[0].conv1.weight.requires_grad
 
 
-def cpu_flags() -> set[str]:
-    """This Linux CPU's feature flags, as the kernel names them."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def test_precision_bf16_only_where_native() -> None:
     cpu = torch.device("cpu")
     assert pick_precision("fp32", cpu) is None
@@ -237,7 +229,9 @@ def test_precision_bf16_only_where_native() -> None:
 def test_auto_precision_skips_bf16_that_avx512_only_emulates() -> None:
     # an AVX-512 CPU without AVX512-BF16 or AMX runs bf16 convolutions by converting to FP32
     # (1.8x slower Lite2 steps): auto must train it in FP32
-    flags = cpu_flags()
+    from bench.report import cpu_flags, read_cpuinfo
+
+    flags = cpu_flags(read_cpuinfo())
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     assert pick_precision("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
 
