@@ -4,9 +4,10 @@
 
 One SGD step on a batch of 32 random photos (forward through backbone and heads, the CosFace
 loss, backward, update), timed for FP32 in the default memory layout (what the trainer did
-before), channels-last, bf16 autocast, and frozen leading stages, each as a ratio to the first
-row. The rows are timed in rounds, one step of each per round, so a load that comes and goes
-hits them all alike; the median step counts. The table goes to stdout and to
+before), channels-last, frozen leading stages, and bf16 autocast, each as a ratio to the first
+row; the row `storyscan train --precision auto` runs at that input size is marked "shipped".
+The rows are timed in rounds, one step of each per round, so a load that comes and goes hits
+them all alike; the median step counts. The table goes to stdout and to
 docs/BENCHMARKS.md.
 """
 
@@ -27,31 +28,27 @@ import torch.nn.functional as F
 from bench.report import write_section
 from models.recognizer import build_recognizer
 from models.tables import format_markdown_table, format_table
-from trainer.train import freeze_stages, native_bf16, pick_precision
+from trainer.train import CPU_BF16_FROM_PX, freeze_stages, native_bf16, pick_precision
 
 COLUMNS = ["variant", "layout", "precision", "frozen stages", "s/step", "photos/s", "vs FP32"]
-# (name, channels-last, precision, frozen stages); precision "auto" is bf16 where native
+# (name, channels-last, precision, frozen stages)
 VARIANTS = [
     ("FP32, contiguous (before)", False, "fp32", 0),
     ("channels-last", True, "fp32", 0),
-    ("channels-last + bf16", True, "auto", 0),
-    ("channels-last + bf16 + 3 stages frozen (shipped)", True, "auto", 3),
+    ("channels-last + 3 stages frozen", True, "fp32", 3),
+    ("channels-last + bf16 + 3 stages frozen", True, "bf16", 3),
 ]
-# where bf16 is not native, what auto picked before it knew: oneDNN's emulated bf16
-EMULATED = ("channels-last + emulated bf16 + 3 stages frozen (auto before)", True, "bf16", 3)
 
 
 def make_step(arch: str, size: int, batch: int, channels_last: bool, precision: str,
-              frozen: int) -> tuple[Callable[[], None], torch.dtype | None]:
-    """A closure running one training step as trainer/train.py does, and its autocast dtype:
-    "auto" uses bf16 where the CPU has it natively and FP32 elsewhere, as `storyscan train
-    --precision auto` does; "bf16" uses it anyway."""
+              frozen: int) -> Callable[[], None]:
+    """A closure running one training step as trainer/train.py does; "bf16" autocasts even
+    where the CPU only emulates bf16."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = build_recognizer(arch, 81, 43, "imagenet").to(memory_format=layout).train()
     for m in freeze_stages(model, frozen):
         m.eval()
-    dtype = (torch.bfloat16 if precision == "bf16"
-             else pick_precision(precision, torch.device("cpu")))
+    dtype = torch.bfloat16 if precision == "bf16" else None
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                           momentum=0.9)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
@@ -66,7 +63,7 @@ def make_step(arch: str, size: int, batch: int, channels_last: bool, precision: 
         loss.backward()
         opt.step()
 
-    return step, dtype
+    return step
 
 
 def main() -> None:
@@ -85,11 +82,11 @@ def main() -> None:
     if len(sizes) != len(archs):
         raise SystemExit("give one --size per --arch")
 
-    variants = VARIANTS + ([] if native_bf16(torch.device("cpu")) else [EMULATED])
+    native = native_bf16(torch.device("cpu"))
     rows = []
     for arch, size in zip(archs, sizes, strict=True):
-        made = [make_step(arch, size, args.batch_size, *v[1:]) for v in variants]
-        steps = [step for step, _ in made]
+        steps = [make_step(arch, size, args.batch_size, *v[1:]) for v in VARIANTS]
+        shipped = ("bf16" if pick_precision("auto", torch.device("cpu"), size) else "fp32", 3)
         for step in steps:  # warm-up: oneDNN picks its kernels on the first call
             step()
         times: list[list[float]] = [[] for _ in steps]
@@ -99,15 +96,13 @@ def main() -> None:
                 step()
                 t.append(time.perf_counter() - t0)
         base = statistics.median(times[0])
-        for (name, cl, precision, frozen), t, (_, dtype) in zip(variants, times, made,
-                                                                 strict=True):
+        for (name, cl, precision, frozen), t in zip(VARIANTS, times, strict=True):
             s = statistics.median(t)
-            rows.append({"variant": f"{arch} {size} px: {name}",
+            rows.append({"variant": f"{arch} {size} px: {name}"
+                         + (" (shipped)" if (precision, frozen) == shipped else ""),
                          "layout": "channels-last" if cl else "contiguous",
-                         "precision": ("bf16 autocast, emulated" if precision == "bf16"
-                                       else "bf16 autocast" if dtype is not None
-                                       else "FP32 (no native bf16)" if precision == "auto"
-                                       else "FP32"),
+                         "precision": ("FP32" if precision == "fp32" else "bf16 autocast"
+                                       if native else "bf16 autocast, emulated"),
                          "frozen stages": frozen, "s/step": s,
                          "photos/s": args.batch_size / s, "vs FP32": base / s})
     print(format_table(rows, COLUMNS))
@@ -118,9 +113,11 @@ def main() -> None:
             f"rounds, median; `vs FP32` is the speed-up over the first row of the same "
             f"architecture, measured in the same run. bf16 autocast keeps FP32 master weights; "
             f"frozen stages are the stem and the first two stages of blocks, left at their "
-            f"ImageNet weights. bf16 autocast is used where the CPU computes bf16 natively "
-            f"(AVX512-BF16 or AMX); elsewhere the shipped row runs FP32, and the emulated row "
-            f"shows what bf16 would cost there.\n\n{format_markdown_table(rows, COLUMNS)}")
+            f"ImageNet weights. The shipped row is what `--precision auto` runs: bf16 autocast "
+            f"where the CPU computes bf16 natively (AVX512-BF16 or AMX; "
+            f"{'this one does' if native else 'this one does not, and emulates it'}) and the "
+            f"input side is at least {CPU_BF16_FROM_PX} px, FP32 otherwise."
+            f"\n\n{format_markdown_table(rows, COLUMNS)}")
     write_section(args.section, "Training speed" + (f" ({args.section})" if args.section !=
                                                     "train-speed" else ""), body)
 

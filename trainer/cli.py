@@ -132,7 +132,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="leading backbone stages kept at their ImageNet weights (the stem is "
                         "stage 0; 0 trains everything)")
     p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
-                   help="bf16 autocast or fp32 training; auto = bf16 where the hardware has it")
+                   help="bf16 autocast or fp32 training; auto = bf16 where the hardware has it "
+                        "natively (on a CPU, from 224 px inputs up)")
     p.add_argument("--reference-views", type=int, default=TrainConfig.reference_views,
                    help="catalog reference photos join each epoch this many times")
     p.add_argument("--catalog-loss", type=float, default=TrainConfig.catalog_loss,

@@ -61,7 +61,8 @@ class TrainConfig:
     # statistics: generic edges and blobs need no retraining, and the high-resolution layers
     # cost most of a step's backward pass (ignored with weights "none")
     frozen_stages: int = 3
-    # bf16 autocast (weights stay FP32); auto = bf16 where the CPU or GPU computes it natively
+    # bf16 autocast (weights stay FP32); auto = bf16 where the CPU or GPU computes it natively,
+    # on a CPU only from trainer/train.py's CPU_BF16_FROM_PX up
     precision: str = "auto"
     reference_views: int = 4  # each catalog reference photo joins each epoch this many times
     # weight of the catalog-photo loss: each training view is also classified against the

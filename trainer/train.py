@@ -6,10 +6,11 @@ cosine schedule after a short warm-up. A checkpoint is written each epoch (`last
 `--resume`), and the one with the best validation product top-1 is kept as `best.pt`.
 
 Speed, on the 2-core CPUs it must train on (bench/train_speed.py): the network runs
-channels-last, in bf16 autocast where the hardware has native bf16 (master weights and
-checkpoints stay FP32), and the backbone's first `frozen_stages` stages keep their ImageNet
-weights and statistics, so autograd skips their backward pass. Augmented views are made on a
-thread pool a batch ahead (one thread cannot feed a GPU), each from its own seed.
+channels-last, in bf16 autocast where the hardware has native bf16 and the inputs are large
+enough for it to pay (master weights and checkpoints stay FP32), and the backbone's first
+`frozen_stages` stages keep their ImageNet weights and statistics, so autograd skips their
+backward pass. Augmented views are made on a thread pool a batch ahead (one thread cannot feed
+a GPU), each from its own seed.
 
 The product head is a cosine classifier, so its loss is a metric-learning loss (normalised
 softmax); `margin` turns it into CosFace, pulling each product's photos tighter around its
@@ -191,15 +192,27 @@ def native_bf16(device: torch.device) -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # Arm: true only with BF16 instructions
 
 
-def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain FP32). bf16 only where it is native: emulated bf16 on
-    an older CPU is slower than FP32."""
+# on a CPU, bf16 autocast pays from this input side up. bench/train_speed.py, a shipped training
+# step (3 stages frozen) on an AMD EPYC with AVX512-BF16, two runs (train-speed-amd-bf16): bf16
+# ran efficientnet_lite2 at 260 px at 1.07x and 1.26x FP32's speed and lite0 at 224 px at
+# 1.14x and 1.02x, but lite0 at 192 px at 1.00x and 0.91x, at 160 px 0.79x and 0.74x and at
+# 112 px 0.67x and 0.72x: small convolutions spend their time converting to and from bf16
+CPU_BF16_FROM_PX = 224
+
+
+def pick_precision(name: str, device: torch.device, size: int) -> torch.dtype | None:
+    """The autocast dtype (None: plain FP32) for inputs of side `size`. "auto" takes bf16 only
+    where it is native and, on a CPU, only from CPU_BF16_FROM_PX up: emulated bf16 on an older
+    CPU, and native bf16 on small inputs, are slower than FP32."""
     if name == "fp32":
         return None
     native = native_bf16(device)
-    if name == "bf16" and not native:
-        raise DataError(f"--precision bf16: {device} has no native bf16; use fp32")
-    return torch.bfloat16 if native else None
+    if name == "bf16":
+        if not native:
+            raise DataError(f"--precision bf16: {device} has no native bf16; use fp32")
+        return torch.bfloat16
+    return torch.bfloat16 if native and (device.type != "cpu" or size >= CPU_BF16_FROM_PX) \
+        else None
 
 
 def freeze_stages(model: Recognizer, count: int) -> list[torch.nn.Module]:
@@ -293,7 +306,7 @@ def train(cfg: TrainConfig) -> Path:
                              ).to(device, memory_format=torch.channels_last)
     # random weights have nothing worth keeping: a network trained from scratch trains whole
     frozen = freeze_stages(model, cfg.frozen_stages if cfg.weights != "none" else 0)
-    autocast = pick_precision(cfg.precision, device)
+    autocast = pick_precision(cfg.precision, device, cfg.size)
     print(f"training {cfg.arch} at {cfg.size} px on {device} in "
           f"{'bf16 autocast' if autocast else 'fp32'}"
           + (f", first {cfg.frozen_stages} backbone stages frozen" if frozen else ""))
