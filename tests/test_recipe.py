@@ -220,7 +220,7 @@ def test_precision_bf16_only_where_native_and_on_a_cpu_only_where_it_pays() -> N
     assert pick_precision("fp32", cpu, 260) is None
     native = native_bf16(cpu)
     assert pick_precision("auto", cpu, CPU_BF16_FROM_PX) == (torch.bfloat16 if native else None)
-    # small inputs train faster in FP32 even with native bf16 (0.76x at 112 px, an AMD EPYC)
+    # small inputs train faster in FP32 even with native bf16 (0.67-0.72x at 112 px, AMD EPYC)
     assert pick_precision("auto", cpu, CPU_BF16_FROM_PX - 1) is None
     if native:  # asked for, it is used whatever the size
         assert pick_precision("bf16", cpu, 112) == torch.bfloat16

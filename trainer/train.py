@@ -206,13 +206,12 @@ def pick_precision(name: str, device: torch.device, size: int) -> torch.dtype | 
     CPU, and native bf16 on small inputs, are slower than FP32."""
     if name == "fp32":
         return None
-    native = native_bf16(device)
-    if name == "bf16":
-        if not native:
+    if not native_bf16(device):
+        if name == "bf16":
             raise DataError(f"--precision bf16: {device} has no native bf16; use fp32")
-        return torch.bfloat16
-    return torch.bfloat16 if native and (device.type != "cpu" or size >= CPU_BF16_FROM_PX) \
-        else None
+        return None
+    pays = name == "bf16" or device.type != "cpu" or size >= CPU_BF16_FROM_PX
+    return torch.bfloat16 if pays else None
 
 
 def freeze_stages(model: Recognizer, count: int) -> list[torch.nn.Module]:
