@@ -39,14 +39,9 @@ from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged
 from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
-from trainer.export import (
-    QuantOptions,
-    calibration_subset,
-    export_onnx,
-    quantize_int8,
-    score_divergence,
-)
+from trainer.export import calibration_subset, export_onnx
 from trainer.ingest import IngestReport, drop_products, load_split, read_layout
+from trainer.quantize import QuantOptions, quantize_int8, score_divergence
 from trainer.train import holdout_products, load_checkpoint
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "grocery"

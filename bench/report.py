@@ -23,7 +23,7 @@ HEADER = ("# Benchmarks\n\nEvery number here is written by a script in `bench/`;
 
 
 # x86 instruction sets that change INT8 and bf16 results or speed, best first: without VNNI
-# ONNX Runtime's INT8 kernels sum in int16 (see trainer/export.py QuantOptions.reduce_range)
+# ONNX Runtime's INT8 kernels sum in int16 (see trainer/quantize.py QuantOptions.reduce_range)
 SIMD = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
         ("avx512f", "AVX-512, no VNNI"), ("avx2", "AVX2, no VNNI"))
 

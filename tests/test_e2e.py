@@ -290,7 +290,7 @@ def test_quantisation_can_keep_depthwise_convolutions_in_fp32(trained_demo: Trai
     import onnx
 
     from models.bundle import load_bundle
-    from trainer.export import QuantOptions, quantize_int8
+    from trainer.quantize import QuantOptions, quantize_int8
 
     bundle = load_bundle(trained_demo.bundle)
     options = QuantOptions(fp32_convs=0, fp32_depthwise=True)

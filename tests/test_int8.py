@@ -11,7 +11,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from device.engines.ort import OrtEngine
-from trainer.export import QuantOptions, quantize_int8, score_divergence
+from trainer.quantize import (
+    QuantOptions,
+    fp32_nodes,
+    quantize_int8,
+    rank_convs,
+    score_divergence,
+)
 
 SIZE = 16
 # 7-bit weights in these tests: on a CPU without VNNI (AVX2 only) ONNX Runtime sums pairs of
@@ -117,6 +123,20 @@ def test_export_keeps_the_convolution_int8_hurts_most_in_fp32(tmp_path: Path) ->
                   QuantOptions(fp32_convs=0, fp32_sensitive=0, **EXACT))
     assert score_divergence(reference, OrtEngine(int8, "int8").infer(x)["fine"]) < \
         score_divergence(reference, OrtEngine(all_int8, "int8").infer(x)["fine"]) / 2
+
+
+def test_sensitivity_trials_rank_alike_in_worker_processes(tmp_path: Path) -> None:
+    """rank_convs spreads its trials (one quantisation each) over processes: each trial must
+    score as it does in one process, or the convolutions kept in FP32 would depend on the
+    workstation's cores."""
+    fp32 = tmp_path / "fp32.onnx"
+    small_network(fp32, lopsided_last=True)
+    photos = calibration_photos()
+    options = QuantOptions(fp32_convs=0, fp32_sensitive=1, **EXACT)
+    keep = fp32_nodes(onnx.load(str(fp32)), options)
+    here, spread = (rank_convs(fp32, photos, tmp_path / f"ranges-{workers}.json", keep,
+                               options, workers=workers) for workers in (1, 3))
+    assert here == spread and len(here) == 3 and here[0] == "conv_c"
 
 
 def test_score_divergence() -> None:

@@ -25,7 +25,7 @@ from test_int8 import calibration_photos, small_network
 from bench.emulated_cpu import ARM_CPUS, ArmKiosk, EmulationUnavailable, arm_kiosk, avx2_only_env
 from device.catalog import Catalog
 from device.importers import read_products
-from trainer.export import QuantOptions, quantize_int8
+from trainer.quantize import QuantOptions, quantize_int8
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ class Tiny:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     torch = pytest.importorskip("torch")
     from models.recognizer import FlipAveraged, build_recognizer, input_spec
-    from trainer.export import QuantOptions, export_onnx, quantize_int8
+    from trainer.export import export_onnx
+    from trainer.quantize import QuantOptions, quantize_int8
 
     torch.manual_seed(0)
     model = build_recognizer("efficientnet_lite0", len(FINE), len(COARSE), weights="imagenet",

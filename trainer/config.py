@@ -18,7 +18,7 @@ FEATURE_WEIGHT = 0.0
 # another at 98.0% (bench/int8_fidelity.py)
 FP32_CONVS = 3
 # `storyscan export --fp32-sensitive`: and the N later convolutions whose INT8 error moves the
-# product scores most, ranked on calibration photos (trainer/export.py rank_convs). On an
+# product scores most, ranked on calibration photos (trainer/quantize.py rank_convs). On an
 # efficientnet_lite2 260 px model, 10 lifted agreement on val 98.3% -> 99.7% (97.3% -> 99.3% on
 # a second checkpoint) and cut the score divergence 5x, but INT8 took 1.3-2.0x as long a photo
 # (18.4 vs 13.7 ms, and 39 vs 20 ms in a second run; FP32 25-50 ms) on 2 cores, and export 4

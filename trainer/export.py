@@ -5,7 +5,7 @@ uint8 activations, which ONNX Runtime's CPU kernels run fastest and most faithfu
 bench/int8_fidelity.py). Only the backbone is quantised, and not its first `fp32_convs`
 convolutions (the stem and first block, where INT8 error enters) nor the `fp32_sensitive`
 convolutions whose INT8 error moves the product scores most, each tried back in FP32 on
-calibration photos (`rank_convs`); the small heads stay FP32 so embeddings keep their
+calibration photos (`trainer/quantize.py`); the small heads stay FP32 so embeddings keep their
 precision. The calibration photos are training photos passed through the
 shared `prepare`, exactly as the kiosk will see them. The INT8 model must agree with FP32 on
 the validation photos (top-1 product) at least `min_agreement` of the time, or no bundle is
@@ -40,15 +40,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quant_pre_process,
-    quantize_static,
-)
-from tqdm import tqdm
 
 from device.engines import infer_all
 from device.engines.ort import OrtEngine
@@ -67,18 +58,15 @@ from trainer.ingest import (
     read_references,
 )
 from trainer.metrics import evaluate_scores, micro_f1, multi_hot, threshold_at_tar
+from trainer.quantize import QuantOptions, quantize_int8
 from trainer.train import holdout_products, load_checkpoint, predict
 
 OPSET = 17
 UNKNOWN_TAR = 0.95  # share of correctly recognised val photos the unknown threshold keeps
 ATTRIBUTE_THRESHOLD = 0.5  # probability above which the kiosk reports an attribute
-SENSITIVITY_STRIDE = 4  # every 4th calibration photo scores a convolution's INT8 error
 GOLDEN_INPUTS = 4  # validation inputs shipped with their INT8 outputs for a device's self-test
 GOLDEN_MIN_COSINE = 0.98  # a device's embedding of a golden input must be this close
 TENSORRT_PATHS = ("onnx", "torch2trt")  # onnx: the kiosk builds its engine from the bundle
-CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax,
-                       "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}
 
 
 @dataclass
@@ -112,139 +100,6 @@ def export_onnx(model: Recognizer | FlipAveraged, spec: InputSpec, path: Path) -
                           input_names=["image"], output_names=outputs,
                           dynamic_axes={n: {0: "batch"} for n in ("image", *outputs)})
     onnx.checker.check_model(str(path))
-
-
-class _Calibration(CalibrationDataReader):
-    def __init__(self, inputs: list[np.ndarray], batch: int = 16) -> None:
-        self.batches = iter([np.stack(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        x = next(self.batches, None)
-        return None if x is None else {"image": x}
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """How the INT8 model is made; the defaults are what `storyscan export` ships."""
-
-    calibration: str = "minmax"  # minmax | percentile | entropy
-    # uint8 activations with a zero point: faster and closer to FP32 on ONNX Runtime's CPU
-    # kernels (bench/int8_fidelity.py); symmetric int8 is the form TensorRT needs
-    symmetric_activations: bool = False
-    per_channel: bool = True  # one weight scale per output channel
-    # weights in 7 bits (-64..63). On x86 CPUs without VNNI (AVX2 only, e.g. AMD Zen 1-3)
-    # ONNX Runtime multiplies uint8 activations by int8 weights in pairs summed into int16,
-    # which can saturate with 8-bit weights and cannot with 7; but on a Lite2 model, on such a
-    # CPU, 7 bits lost 2.3 pp top-1 where saturation cost none (bench/int8_fidelity.py): off
-    reduce_range: bool = False
-    fp32_convs: int = FP32_CONVS  # leading convolutions kept in FP32 (where INT8 hurts most)
-    # and the N later convolutions whose INT8 error moves the product scores most
-    # (rank_convs: measured on calibration photos, one at a time)
-    fp32_sensitive: int = FP32_SENSITIVE
-    # depthwise convolutions kept in FP32 (one filter per channel meets one activation scale
-    # for all channels): 98.6% agreement on a Lite2 model, but INT8 at 0.90 of FP32 time, each
-    # one a round trip out of INT8 (bench/int8_fidelity.py); not exported
-    fp32_depthwise: bool = False
-
-    def describe(self) -> dict:
-        fp32 = (([f"first {self.fp32_convs} convolutions"] if self.fp32_convs else [])
-                + ([f"the {self.fp32_sensitive} most sensitive convolutions"]
-                   if self.fp32_sensitive else [])
-                + (["depthwise convolutions"] if self.fp32_depthwise else []))
-        return {"format": "QDQ",
-                "weights": f"int{7 if self.reduce_range else 8} "
-                           f"{'per-channel' if self.per_channel else 'per-tensor'} symmetric",
-                "activations": "int8 symmetric" if self.symmetric_activations
-                else "uint8 asymmetric",
-                "calibration": self.calibration,
-                "fp32_layers": ", ".join(fp32) + (" and " if fp32 else "") + "the heads"}
-
-
-def fp32_nodes(model: onnx.ModelProto, options: QuantOptions) -> list[str]:
-    """Nodes kept in FP32: the first `fp32_convs` convolutions, the depthwise ones if asked,
-    and everything from the global pooling on (every head, the attribute head too), so
-    embeddings stay precise."""
-    nodes = model.graph.node
-    pools = [i for i, n in enumerate(nodes) if n.op_type == "GlobalAveragePool"]
-    if not pools:
-        raise ExportError("exported network has no GlobalAveragePool: cannot find its heads")
-    convs = [n for n in nodes if n.op_type == "Conv"]
-    keep = [n.name for n in convs[: options.fp32_convs]]
-    if options.fp32_depthwise:
-        keep += [n.name for n in convs[options.fp32_convs :] if any(
-            a.name == "group" and a.i > 1 for a in n.attribute)]
-    return keep + [n.name for n in nodes[pools[0]:]]
-
-
-def quantize_int8(fp32: Path, out: Path, calibration: list[np.ndarray],
-                  options: QuantOptions, ranking: list[str] | None = None) -> list[str]:
-    """Write the INT8 model of `fp32` to `out`, its activation ranges calibrated on
-    `calibration`. With `options.fp32_sensitive`, returns the other convolutions ranked by
-    sensitivity, most first (`rank_convs`; the first `fp32_sensitive` stay FP32); a `ranking`
-    from an earlier call with the same photos and options is used instead of ranking again."""
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        ranges = Path(tmp) / "ranges.json"  # calibrated once, reused by every trial model
-        keep = fp32_nodes(onnx.load(str(pre)), options)
-        if options.fp32_sensitive and ranking is None:
-            ranking = rank_convs(pre, calibration, ranges, keep, options)
-        ranking = ranking or []
-        _quantize(pre, out, calibration, ranges, keep + ranking[: options.fp32_sensitive],
-                  options)
-        return ranking
-
-
-def _quantize(pre: Path, out: Path, calibration: list[np.ndarray], ranges: Path,
-              keep: list[str], options: QuantOptions) -> None:
-    quantize_static(str(pre), str(out),
-                    None if ranges.is_file() else _Calibration(calibration),
-                    quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
-                    activation_type=QuantType.QInt8 if options.symmetric_activations
-                    else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, reduce_range=options.reduce_range,
-                    nodes_to_exclude=keep,
-                    calibrate_method=CALIBRATION_METHODS[options.calibration],
-                    extra_options={"ActivationSymmetric": options.symmetric_activations,
-                                   "WeightSymmetric": True},
-                    calibration_cache_path=str(ranges))
-
-
-def score_divergence(reference: np.ndarray, scores: np.ndarray) -> float:
-    """Mean KL divergence of the product probabilities `scores` from `reference` (logits):
-    how far INT8 moves the model's answer, smooth where top-1 agreement only counts flips."""
-    def log_softmax(z: np.ndarray) -> np.ndarray:
-        z = z - z.max(1, keepdims=True)
-        return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-    p, q = log_softmax(reference.astype(np.float64)), log_softmax(scores.astype(np.float64))
-    return float(np.mean(np.sum(np.exp(p) * (p - q), 1)))
-
-
-def rank_convs(pre: Path, calibration: list[np.ndarray], ranges: Path, keep: list[str],
-               options: QuantOptions) -> list[str]:
-    """The convolutions not in `keep`, those whose INT8 error moves the product scores most
-    first. Each in turn is put back in FP32 and the INT8 model's scores on every
-    `SENSITIVITY_STRIDE`th calibration photo compared with FP32's (`score_divergence`): the
-    more its return brings the divergence down, the higher it ranks. Measured one at a time on
-    training photos, never on the validation photos the bundle is checked on."""
-    probe = calibration[::SENSITIVITY_STRIDE]
-    reference = infer_all(OrtEngine(pre, "fp32"), probe)["fine"]
-    trial = pre.with_name("trial.onnx")
-
-    def divergence(extra: list[str]) -> float:
-        _quantize(pre, trial, calibration, ranges, keep + extra, options)
-        return score_divergence(reference, infer_all(OrtEngine(trial, "int8"), probe)["fine"])
-
-    base = divergence([])
-    convs = [n.name for n in onnx.load(str(pre)).graph.node
-             if n.op_type == "Conv" and n.name not in keep]
-    gain = {c: base - divergence([c])
-            for c in tqdm(convs, desc="INT8 sensitivity", unit="conv", leave=False)}
-    ranking = sorted(convs, key=gain.__getitem__, reverse=True)
-    print(f"INT8 score divergence on {len(probe)} calibration photos: {base:.2e}; kept in "
-          f"FP32 as the most sensitive: {', '.join(ranking[: options.fp32_sensitive])}")
-    return ranking
 
 
 def calibration_subset(split: Split, count: int, num_classes: int) -> Split:
