@@ -21,9 +21,9 @@ FP32_CONVS = 3
 # product scores most, ranked on calibration photos (trainer/quantize.py rank_convs). On an
 # efficientnet_lite2 260 px model, 10 lifted agreement on val 98.3% -> 99.7% (97.3% -> 99.3% on
 # a second checkpoint) and cut the score divergence 5x, but INT8 took 1.3-2.0x as long a photo
-# (18.4 vs 13.7 ms, and 39 vs 20 ms in a second run; FP32 25-50 ms) on 2 cores, and export 4
-# minutes longer (bench/int8_fidelity.py). Off by default, so INT8 keeps its speed; the
-# Grocery recipe in the README turns it on
+# (18.4 vs 13.7 ms, and 39 vs 20 ms in a second run; FP32 25-50 ms) on 2 cores, and export 3
+# minutes longer (4 before its trials ran in parallel; bench/int8_fidelity.py). Off by
+# default, so INT8 keeps its speed; the Grocery recipe in the README turns it on
 FP32_SENSITIVE = 0
 # `storyscan export --min-agreement`: a guard against a broken INT8 model (per-tensor weights
 # measured 76%), not the quality target; bundles of the shipped recipe measure 97-98%, and
