@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +199,11 @@ def rank_convs(pre: Path, calibration: list[np.ndarray], ranges: Path, keep: lis
     reference = infer_all(OrtEngine(pre, "fp32"), probe)["fine"]
     convs = [n.name for n in onnx.load(str(pre)).graph.node
              if n.op_type == "Conv" and n.name not in keep]
-    cores = len(os.sched_getaffinity(0))
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count()) or 1  # the cores this process may use (Linux), or all
     workers = max(1, min(workers or min(cores, RANK_WORKERS), len(convs)))
+    if "fork" not in get_all_start_methods():  # Windows: the trials run here
+        workers = 1
     trials = _Trials(pre, ranges, keep, options, probe, reference,
                      threads=0 if workers == 1 else max(1, cores // workers))
     base_model = pre.with_name("int8.onnx")
