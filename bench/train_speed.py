@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from bench.report import write_section
 from models.recognizer import build_recognizer
 from models.tables import format_markdown_table, format_table
-from trainer.train import CPU_BF16_FROM_PX, freeze_stages, native_bf16, pick_precision
+from trainer.config import CPU_BF16_FROM_PX
+from trainer.train import freeze_stages, native_bf16, pick_precision
 
 COLUMNS = ["variant", "layout", "precision", "frozen stages", "s/step", "photos/s", "vs FP32"]
 # (name, channels-last, precision, frozen stages)

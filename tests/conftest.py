@@ -47,7 +47,7 @@ def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> TrainedDemo:
     # 96 known scans below it; the same model calibrated on 120 or 240 photos left 15
     generate_demo(root / "data", products=12, train=20, val=15, scans=8, size=160, seed=7)
     t0 = time.time()
-    # 112 px trains in FP32 on every CPU (below trainer/train.py's CPU_BF16_FROM_PX), so the
+    # 112 px trains in FP32 on every CPU (below trainer/config.py's CPU_BF16_FROM_PX), so the
     # machines CI runs on differ only in their FP32 kernels
     best = train(TrainConfig(data=str(root / "data"), out=str(root / "run"), size=112,
                              epochs=10, batch_size=24, lr=0.02, seed=0,

@@ -12,13 +12,12 @@ import torch
 
 from models.recognizer import input_spec
 from trainer.augment import random_erasing
-from trainer.config import TrainConfig
+from trainer.config import CPU_BF16_FROM_PX, TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import Split, drop_products, read_layout, read_references
 from trainer.synthetic import generate_demo
 from trainer.train import (
     CATALOG_FRESH,
-    CPU_BF16_FROM_PX,
     CatalogBank,
     cutmix,
     freeze_stages,

@@ -12,6 +12,7 @@ from dataclasses import fields
 from models.weights import WeightsError
 from trainer.config import (
     ARCHS,
+    CPU_BF16_FROM_PX,
     FEATURE_WEIGHT,
     FP32_CONVS,
     FP32_SENSITIVE,
@@ -133,7 +134,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                         "stage 0; 0 trains everything)")
     p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
                    help="bf16 autocast or fp32 training; auto = bf16 where the hardware has it "
-                        "natively (on a CPU, from 224 px inputs up)")
+                        f"natively (on a CPU, from {CPU_BF16_FROM_PX} px inputs up)")
     p.add_argument("--reference-views", type=int, default=TrainConfig.reference_views,
                    help="catalog reference photos join each epoch this many times")
     p.add_argument("--catalog-loss", type=float, default=TrainConfig.catalog_loss,

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0",
          "efficientnet_lite1", "efficientnet_lite2")
 PRECISIONS = ("auto", "bf16", "fp32")
+# on a CPU, bf16 autocast pays from this input side up. bench/train_speed.py, a shipped training
+# step (3 stages frozen) on an AMD EPYC with AVX512-BF16, two runs (train-speed-amd-bf16): bf16
+# ran efficientnet_lite2 at 260 px at 1.07x and 1.26x FP32's speed and lite0 at 224 px at
+# 1.14x and 1.02x, but lite0 at 192 px at 1.00x and 0.91x, at 160 px 0.79x and 0.74x and at
+# 112 px 0.67x and 0.72x: small convolutions spend their time converting to and from bf16
+CPU_BF16_FROM_PX = 224
 # `storyscan export --feature-weight`: share of the backbone's pooled features in the embedding
 # the kiosk matches (models/recognizer.py); 0 = the trained embedding alone
 FEATURE_WEIGHT = 0.0
@@ -62,7 +68,7 @@ class TrainConfig:
     # cost most of a step's backward pass (ignored with weights "none")
     frozen_stages: int = 3
     # bf16 autocast (weights stay FP32); auto = bf16 where the CPU or GPU computes it natively,
-    # on a CPU only from trainer/train.py's CPU_BF16_FROM_PX up
+    # on a CPU only from CPU_BF16_FROM_PX up
     precision: str = "auto"
     reference_views: int = 4  # each catalog reference photo joins each epoch this many times
     # weight of the catalog-photo loss: each training view is also classified against the

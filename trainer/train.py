@@ -48,7 +48,7 @@ from tqdm import tqdm
 from models.preprocess import InputSpec, prepare, resize_shorter
 from models.recognizer import Recognizer, build_recognizer, input_spec
 from trainer.augment import augment
-from trainer.config import TrainConfig
+from trainer.config import CPU_BF16_FROM_PX, TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import DataSet, Labels, Split, describe, ingest
 from trainer.metrics import Report, evaluate_scores, micro_f1, multi_hot
@@ -190,14 +190,6 @@ def native_bf16(device: torch.device) -> bool:
     if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # Arm: true only with BF16 instructions
-
-
-# on a CPU, bf16 autocast pays from this input side up. bench/train_speed.py, a shipped training
-# step (3 stages frozen) on an AMD EPYC with AVX512-BF16, two runs (train-speed-amd-bf16): bf16
-# ran efficientnet_lite2 at 260 px at 1.07x and 1.26x FP32's speed and lite0 at 224 px at
-# 1.14x and 1.02x, but lite0 at 192 px at 1.00x and 0.91x, at 160 px 0.79x and 0.74x and at
-# 112 px 0.67x and 0.72x: small convolutions spend their time converting to and from bf16
-CPU_BF16_FROM_PX = 224
 
 
 def pick_precision(name: str, device: torch.device, size: int) -> torch.dtype | None:
