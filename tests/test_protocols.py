@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -163,7 +164,7 @@ def test_protocols_bench_runs_on_synthetic_data(tmp_path: Path) -> None:
          "--no-docs"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [ln.split() for ln in result.stdout.split("FAR @ 95% TAR")[-1].splitlines()[2:]]
-    assert len(rows) == 10 and "(shipped)" in rows[0]
+    assert len(rows) == 12 and "(shipped)" in rows[0]
     protocol3 = out.split("3. Unknown items")[1].strip().splitlines()[-1].split()
     assert abs(float(rows[0][-3]) - float(protocol3[0])) <= 0.02
     for row in rows:
@@ -182,3 +183,24 @@ def test_held_out_folds_hold_out_each_product_once() -> None:
     assert sorted(p for fold in folds for p in fold) == sorted(fine)
     with pytest.raises(SystemExit, match="fold 4: pick 0 to 3"):
         held_out_products(fine, 4, 4)
+
+
+def test_mahalanobis_score_forgives_how_products_vary_and_survives_few_photos() -> None:
+    """bench/unknown_scores.py's Mahalanobis score: a query off a product along the direction
+    its photos vary (light, angle) scores as more likely sold than one as far off across it;
+    with fewer photos than dimensions the shrunk covariance still inverts to finite scores."""
+    from bench.unknown_scores import mahalanobis
+
+    rng = np.random.default_rng(0)
+    spread = np.array([3.0, 0.1, 0.1, 0.1])
+    centres = np.array([[0.0, 0, 0, 0], [0, 5, 0, 0]])
+    labels = np.repeat([0, 1], 200)
+    photos = centres[labels] + rng.normal(size=(400, 4)) * spread
+    along, across = np.array([[3.0, 0, 0, 0]]), np.array([[0.0, 0, 3, 0]])
+    distance, relative = mahalanobis(np.concatenate([along, across]), photos, labels, 2)
+    assert distance[0] > distance[1] and relative[0] > relative[1]
+
+    few = rng.normal(size=(6, 32))
+    distance, relative = mahalanobis(rng.normal(size=(3, 32)), few, np.array([0, 0, 0, 1, 1, 1]),
+                                     2)
+    assert np.isfinite(distance).all() and np.isfinite(relative).all()
