@@ -65,7 +65,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.files import write_json_atomic
 from device.sync import Agent, DeviceConfig, Result, group_topic
-from models.bundle import MANIFEST, Bundle, BundleError, load_bundle, sha256_file
+from models.bundle import (
+    MANIFEST,
+    Bundle,
+    BundleError,
+    load_array,
+    load_bundle,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -261,11 +268,11 @@ def self_test(bundle: Bundle, backend: str = "auto", precision: str = "int8") ->
         if emb is None or emb.shape != (1, bundle.embedding_dim) or not np.isfinite(emb).all():
             raise ReleaseRefused("self-test: the engine's embedding output is wrong")
         return "self-test: engine opens (no golden inputs in this bundle)"
-    inputs = np.load(bundle.path / golden["inputs"], allow_pickle=False)
+    inputs = load_array(bundle.path / golden["inputs"])
     out = engine.infer(inputs.astype(np.float32))
     min_cosine = float(golden.get("min_cosine", 0.98))
     for name, file in golden["outputs"].items():
-        expected = np.load(bundle.path / file, allow_pickle=False)
+        expected = load_array(bundle.path / file)
         got = out.get(name)
         if got is None or got.shape != expected.shape:
             raise ReleaseRefused(f"self-test: output {name!r} has shape "

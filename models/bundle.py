@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,18 @@ MANIFEST = "manifest.json"
 PRECISIONS = ("int8", "fp32")
 OUTPUTS = ("embedding", "fine", "coarse")  # the network's named outputs, in this order
 ATTRIBUTES = "attributes"  # optional fourth output: multi-label attribute logits
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11.0-3.11.7 and 3.12.0-3.12.1
+# count AST recursion in one counter for all threads (gh-106905): a garbage collection in the
+# middle of one parse lets another thread's parse move it, and either fails with "SystemError:
+# AST constructor recursion depth mismatch". A model update's self-test loading its golden
+# arrays beside another load was refused that way; loads through `load_array` take turns.
+_NPY_LOCK = threading.Lock()
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A .npy array (never pickled objects), one load at a time in this process (_NPY_LOCK)."""
+    with _NPY_LOCK:
+        return np.load(path, allow_pickle=False)
 
 
 def logit(p: float) -> float:
@@ -287,7 +300,7 @@ class Bundle:
         """One L2-normalised embedding per trained product ([fine, dim] float32)."""
         name = self.manifest["heads"]["fine"]["prototypes"]
         try:
-            protos = np.load(self.path / name, allow_pickle=False)
+            protos = load_array(self.path / name)
         except (OSError, ValueError) as e:
             raise BundleError(self.path, f"prototypes file {name!r} is not a numpy array "
                                          f"({e})") from None

@@ -3,8 +3,11 @@ or malformed is refused with one line naming the bundle; writing replaces a bund
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from models.bundle import (
     SCHEMA_VERSION,
     Bundle,
     BundleError,
+    load_array,
     load_bundle,
     write_bundle,
 )
@@ -442,3 +446,41 @@ def test_write_cleans_up_a_stale_old_bundle_from_an_interrupted_replace(tmp_path
     (stale / "junk").write_text("left by a crash")
     make_bundle(tmp_path)
     assert staging_leftovers(b.path.parent) == []
+
+
+def test_arrays_load_from_many_threads_at_once(tmp_path: Path) -> None:
+    """A kiosk loads bundle arrays on several threads (a model update's self-test beside the
+    catalog); on CPython 3.11.0-3.11.7 and 3.12.0-3.12.1 two numpy loads at once, with a garbage
+    collection inside one, failed with SystemError (gh-106905). Collections and thread switches
+    are made as frequent as they go, so without load_array's lock this fails there; on later
+    Pythons it passes either way."""
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(32, dtype=np.float32).reshape(4, 8))
+    errors: list[BaseException] = []
+
+    def collecting(phase: str, info: dict) -> None:
+        [str(i) for i in range(100)]  # Python code inside a collection: threads may switch
+
+    def load_many() -> None:
+        try:
+            for _ in range(200):
+                [[] for _ in range(20)]  # allocations, so collections come mid-parse
+                assert load_array(path).shape == (4, 8)
+        except BaseException as e:  # reported by the assert below
+            errors.append(e)
+
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
+    gc.callbacks.append(collecting)
+    gc.set_threshold(5)
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=load_many) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        gc.callbacks.remove(collecting)
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]

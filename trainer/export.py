@@ -44,7 +44,7 @@ import torch
 from device.engines import infer_all
 from device.engines.ort import OrtEngine
 from device.matcher import Matcher
-from models.bundle import ATTRIBUTES, Bundle, logit, write_bundle
+from models.bundle import ATTRIBUTES, Bundle, load_array, logit, write_bundle
 from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged, Recognizer
 from trainer.config import FEATURE_WEIGHT, FP32_CONVS, FP32_SENSITIVE, MIN_AGREEMENT
@@ -326,7 +326,7 @@ def export(cfg: ExportConfig) -> Bundle:
             files[engine.name] = engine
             trt_section = {"tensorrt": {"engines": [entry]}}
         unknown = calibrate_unknown(known_similarities(
-            results["int8"]["embedding"], y_fine, labels["fine"], np.load(protos),
+            results["int8"]["embedding"], y_fine, labels["fine"], load_array(protos),
             [labels["fine"][i] for i in references.fine],
             infer_all(engines["int8"], references.images).get("embedding", np.zeros(0))))
         manifest = {
