@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
+from dataclasses import fields
 from pathlib import Path
 
 import cv2
@@ -31,6 +33,17 @@ def test_help_lists_only_the_commands_that_exist() -> None:
               if ln.startswith("    ") and not ln.startswith("     ")}
     assert listed == {"scan", "enroll", "kiosk", "kiosk-pin", "catalog", "demo-data", "train",
                       "evaluate", "export", "compare", "agent", "fleet", "provision"}
+
+
+def test_every_recipe_setting_is_a_train_option() -> None:
+    """What bench/seeds.py and bench/recipe.py compare, a user can set on `storyscan train`."""
+    from trainer.config import TrainConfig
+
+    result = storyscan("train", "--help")
+    assert result.returncode == 0
+    flags = set(re.findall(r"--[a-z0-9-]+", result.stdout))
+    wanted = {"--" + f.name.replace("_", "-") for f in fields(TrainConfig)}
+    assert wanted - flags == set()
 
 
 def test_missing_data_folder_is_one_line(tmp_path: Path) -> None:

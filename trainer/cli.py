@@ -115,6 +115,12 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--head-lr-mult", type=float, default=TrainConfig.head_lr_mult,
+                   help="learning rate of the freshly initialised heads, times --lr")
+    p.add_argument("--momentum", type=float, default=TrainConfig.momentum)
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=TrainConfig.warmup_epochs,
+                   help="linear learning-rate warm-up before the cosine schedule")
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--margin", type=float, default=TrainConfig.margin,
                    help="CosFace cosine margin of the product head (metric learning)")
@@ -144,6 +150,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="chance that a view of a studio catalog photo (product on white or light "
                         "grey) is first made a shop view: cut out, alone or piled, on a dark "
                         "backdrop")
+    p.add_argument("--coarse-weight", type=float, default=TrainConfig.coarse_weight,
+                   help="weight of the category head's loss next to the product head's")
     p.add_argument("--attribute-weight", type=float, default=TrainConfig.attribute_weight,
                    help="weight of the attribute head's loss when the catalog has attribute "
                         "labels (0: no attribute head)")
