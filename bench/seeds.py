@@ -39,6 +39,8 @@ import os
 import re
 import shlex
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
@@ -220,11 +222,23 @@ def run_protocols(data: Path, run: Path, part: str, held: list[str], cpus: list[
     (run / f"{part}.json").write_text(json.dumps(rows, indent=1, default=float))
 
 
+def exit_with_parent(parent: int) -> None:
+    """Worker initializer: a worker whose bench was killed (SIGTERM reaches the bench alone)
+    would go on training for minutes, writing into the run folder that the next bench reuses."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def in_parallel(fn, calls: list[tuple], jobs: int, what: str) -> None:
     """fn(*call) for each call, `jobs` processes at a time; the first failure stops the run."""
     if not calls:
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(fn, *call) for call in calls]
         for f in tqdm(futures, desc=what, unit="run"):
             f.result()

@@ -3,9 +3,13 @@ by seed and product by product."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +110,50 @@ def test_unknown_auroc_interval_draws_products_across_folds() -> None:
                           "fold1": [0.1, 0.1, 0.9, 0.9, 0.1, 0.1, 0.9, 0.9]})
     assert auroc_interval([backwards]) == "0.50-0.50"
     assert auroc_difference_interval([apart], [backwards]) == "-50.0 to -50.0 pp"
+
+
+
+def state(pid: int) -> tuple[int, str] | None:
+    """A process's parent and state letter, None when it is gone (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0]
+
+
+def alive(pid: int) -> bool:
+    s = state(pid)
+    return s is not None and s[1] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_a_killed_bench_takes_its_workers_with_it() -> None:
+    # a worker left training after its bench is killed writes on into the folder a rerun reuses
+    code = ("import time; from bench.seeds import in_parallel; "
+            "in_parallel(time.sleep, [(120,)], 1, 'sleeping')")
+    bench = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not workers and time.monotonic() < deadline:
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                pid = int(stat.parent.name)
+                with contextlib.suppress(OSError):
+                    if (state(pid) or (0, ""))[0] == bench.pid and \
+                            b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        workers.add(pid)
+            time.sleep(0.2)
+        assert workers, "the bench started no worker"
+        time.sleep(3)  # the worker has imported the bench and runs its initializer
+        bench.terminate()
+        bench.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), "a worker outlived its bench"
+    finally:
+        bench.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
