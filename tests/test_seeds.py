@@ -112,7 +112,6 @@ def test_unknown_auroc_interval_draws_products_across_folds() -> None:
     assert auroc_difference_interval([apart], [backwards]) == "-50.0 to -50.0 pp"
 
 
-
 def state(pid: int) -> tuple[int, str] | None:
     """A process's parent and state letter, None when it is gone (Linux /proc)."""
     try:

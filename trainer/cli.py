@@ -111,17 +111,17 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--arch", default=TrainConfig.arch, choices=ARCHS)
     p.add_argument("--weights", default="imagenet",
                    help="imagenet, none (random init) or a backbone checkpoint file")
-    p.add_argument("--size", type=int, default=224, help="network input side")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--size", type=int, default=TrainConfig.size, help="network input side")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--head-lr-mult", type=float, default=TrainConfig.head_lr_mult,
                    help="learning rate of the freshly initialised heads, times --lr")
     p.add_argument("--momentum", type=float, default=TrainConfig.momentum)
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     p.add_argument("--warmup-epochs", type=float, default=TrainConfig.warmup_epochs,
                    help="linear learning-rate warm-up before the cosine schedule")
-    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--embed-dim", type=int, default=TrainConfig.embed_dim)
     p.add_argument("--margin", type=float, default=TrainConfig.margin,
                    help="CosFace cosine margin of the product head (metric learning)")
     p.add_argument("--scale", type=float, default=TrainConfig.scale,
