@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from models.recognizer import input_spec
 from trainer.augment import random_erasing
 from trainer.config import CPU_BF16_FROM_PX, TrainConfig
 from trainer.errors import DataError
@@ -20,6 +19,7 @@ from trainer.train import (
     CATALOG_FRESH,
     CatalogBank,
     cutmix,
+    epoch_size,
     freeze_stages,
     load_checkpoint,
     native_bf16,
@@ -110,7 +110,7 @@ def catalog_bank(products_with_photo: list[int], num_fine: int) -> CatalogBank:
     refs = Split([Path(f"{f}.jpg") for f in products_with_photo], products_with_photo,
                  [0] * len(products_with_photo),
                  [rng.integers(0, 256, (80, 90, 3), dtype=np.uint8) for _ in products_with_photo])
-    return CatalogBank(refs, input_spec("efficientnet_lite0", 64), num_fine, torch.device("cpu"))
+    return CatalogBank(refs, num_fine, torch.device("cpu"))
 
 
 def test_catalog_loss_is_low_only_near_the_own_products_catalog_photo() -> None:
@@ -150,7 +150,7 @@ def test_training_with_every_switch_on(tiny: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=2,
                       batch_size=8, margin=0.2, label_smoothing=0.1, cutmix=0.5, ema=0.9,
                       probe_epochs=1, reference_views=2, catalog_loss=1.0,
-                      holdout=labels.fine[0])
+                      holdout=labels.fine[0], start_size=32)
     best = train(cfg)
     model, ckpt = load_checkpoint(best)
     assert ckpt["labels"]["fine"] == labels.fine[1:]
@@ -160,6 +160,23 @@ def test_training_with_every_switch_on(tiny: Path, tmp_path: Path) -> None:
     # the EMA copy is what was evaluated and saved, not the raw weights
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert not all(torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"])
+
+
+def test_progressive_resizing_grows_to_the_full_side_by_the_last_epoch() -> None:
+    def sizes(**kw) -> list[int]:
+        cfg = TrainConfig(data="-", **kw)
+        return [epoch_size(cfg, e) for e in range(cfg.epochs)]
+
+    assert sizes(size=160, start_size=112, epochs=4) == [112, 128, 144, 160]
+    assert sizes(size=260, start_size=192, epochs=6) == [192, 208, 224, 240, 240, 260]
+    assert sizes(size=160, epochs=3) == [160, 160, 160]  # off: every epoch at --size
+    assert sizes(size=160, start_size=112, epochs=1) == [160]
+
+
+def test_a_start_size_above_the_size_is_refused_in_one_line(tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), size=64, start_size=96)
+    with pytest.raises(DataError, match="--start-size 96: use 32 px up to --size 64"):
+        train(cfg)
 
 
 def test_probe_epochs_leave_the_backbone_untouched(tiny: Path, tmp_path: Path) -> None:

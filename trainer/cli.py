@@ -112,6 +112,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--weights", default="imagenet",
                    help="imagenet, none (random init) or a backbone checkpoint file")
     p.add_argument("--size", type=int, default=TrainConfig.size, help="network input side")
+    p.add_argument("--start-size", type=int, default=TrainConfig.start_size,
+                   help="progressive resizing: the first epoch's input side, growing to --size "
+                        "by the last epoch (0: every epoch at --size)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)

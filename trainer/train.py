@@ -19,8 +19,8 @@ defaults are the recipe bench/recipe.py and bench/seeds.py found to pay on the G
 data (the margin, the catalog photos as extra views, random erasing, and the catalog-photo loss:
 each view also classified against the embeddings of the products' catalog photos, so that a
 product the model never saw is found from its catalog photo alone); label smoothing, CutMix,
-weight EMA and a frozen-backbone probe phase are there, off, with their numbers in
-docs/BENCHMARKS.md.
+weight EMA, a frozen-backbone probe phase and progressive resizing (`start_size`) are there,
+off, with their numbers in docs/BENCHMARKS.md.
 
 When the catalog labels products with attributes (see trainer/ingest.py), the model gets a
 multi-label attribute head trained with `attribute_weight` x binary cross-entropy against its
@@ -125,20 +125,24 @@ class CatalogBank:
     those of up to CATALOG_FRESH products in its batch; the rest are as last embedded (a
     memory bank, refreshed whole each epoch)."""
 
-    def __init__(self, refs: Split, spec: InputSpec, num_fine: int,
-                 device: torch.device) -> None:
+    def __init__(self, refs: Split, num_fine: int, device: torch.device) -> None:
         first: dict[int, int] = {}
         for j, fine in enumerate(refs.fine):
             first.setdefault(fine, j)
         products = sorted(first)
         self.row = np.full(num_fine, -1)  # product -> its row in the bank (-1: no photo)
         self.row[products] = np.arange(len(products))
-        self.inputs = [prepare(refs.images[first[f]], spec) for f in products]
+        self.photos = [refs.images[first[f]] for f in products]
+        self.spec: InputSpec | None = None
+        self.inputs: list[np.ndarray] = []
         self.device = device
         self.vectors = torch.empty(0)
 
     @torch.no_grad()
-    def refresh(self, model: Recognizer) -> None:
+    def refresh(self, model: Recognizer, spec: InputSpec) -> None:
+        """Embed every catalog photo anew, prepared as the kiosk would at this epoch's side."""
+        if spec != self.spec:
+            self.spec, self.inputs = spec, [prepare(img, spec) for img in self.photos]
         self.vectors = torch.from_numpy(predict(model, self.inputs)["embedding"]).to(self.device)
 
     def pick(self, fine: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -272,6 +276,15 @@ def load_checkpoint(path: str | Path) -> tuple[Recognizer, dict]:
     return model, ckpt
 
 
+def epoch_size(cfg: TrainConfig, epoch: int) -> int:
+    """The input side of 0-based `epoch`: `size`, or with `start_size` (progressive resizing)
+    a side growing linearly from start_size, in steps of 16, to `size` in the last epoch."""
+    if not cfg.start_size or epoch >= cfg.epochs - 1:
+        return cfg.size
+    grown = cfg.start_size + (cfg.size - cfg.start_size) * epoch / (cfg.epochs - 1)
+    return min(cfg.size, max(cfg.start_size, 16 * round(grown / 16)))
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -283,6 +296,9 @@ def train(cfg: TrainConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     if cfg.loader_threads < 0:
         raise DataError(f"--loader-threads {cfg.loader_threads}: use 0 (one per core) or more")
+    if cfg.start_size and not 32 <= cfg.start_size <= cfg.size:
+        raise DataError(f"--start-size {cfg.start_size}: use 32 px up to --size {cfg.size}, "
+                        "or 0 to train every epoch at --size")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = input_spec(cfg.arch, cfg.size)
@@ -297,9 +313,12 @@ def train(cfg: TrainConfig) -> Path:
                              ).to(device, memory_format=torch.channels_last)
     # random weights have nothing worth keeping: a network trained from scratch trains whole
     frozen = freeze_stages(model, cfg.frozen_stages if cfg.weights != "none" else 0)
-    autocast = pick_precision(cfg.precision, device, cfg.size)
-    print(f"training {cfg.arch} at {cfg.size} px on {device} in "
-          f"{'bf16 autocast' if autocast else 'fp32'}"
+    sizes = [epoch_size(cfg, e) for e in range(cfg.epochs)]
+    autocasts = [pick_precision(cfg.precision, device, size) for size in sizes]
+    print(f"training {cfg.arch} at "
+          + (f"{cfg.size} px" if len(set(sizes)) == 1 else f"{' -> '.join(map(str, sizes))} px")
+          + f" on {device} in " + " then ".join(dict.fromkeys(
+              "bf16 autocast" if a else "fp32" for a in autocasts))
           + (f", first {cfg.frozen_stages} backbone stages frozen" if frozen else ""))
     heads = {id(p) for p in model.head_parameters()}
     optimizer = torch.optim.SGD(
@@ -357,7 +376,7 @@ def train(cfg: TrainConfig) -> Path:
     # seed, so a run gives the same views whatever the thread count.
     loader = ThreadPoolExecutor(cfg.loader_threads or min(8, os.cpu_count() or 1))
 
-    def views(idx: np.ndarray) -> list[Future]:
+    def views(idx: np.ndarray, spec: InputSpec) -> list[Future]:
         seeds = rng.integers(0, 2**63, size=len(idx))
         return [loader.submit(augment, pool.images[j], spec, np.random.default_rng(s),
                               cfg.erasing, cfg.shop_views if j >= len(data.train) else 0.0)
@@ -369,25 +388,27 @@ def train(cfg: TrainConfig) -> Path:
         progress = (step - warmup) / max(1, total_steps - warmup)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-    bank = (CatalogBank(data.references, spec, len(labels.fine), device)
+    bank = (CatalogBank(data.references, len(labels.fine), device)
             if cfg.catalog_loss and len(data.references) else None)
     for epoch in range(start_epoch, cfg.epochs):
         probing = epoch < cfg.probe_epochs  # heads only: no backward through the backbone
+        epoch_spec = input_spec(cfg.arch, sizes[epoch])
+        autocast = autocasts[epoch]
         if bank is not None:
-            bank.refresh(model)
+            bank.refresh(model, epoch_spec)
         model.train()
         for m in [model.backbone] if probing else frozen:
             m.eval()
         t0, seen, loss_sum = time.time(), 0, 0.0
         order = batches(len(pool), cfg.batch_size, rng)
-        ahead = views(order[0])
-        bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=None)
+        ahead = views(order[0], epoch_spec)
+        bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs} ({epoch_spec.size} px, "
+                   f"{'bf16' if autocast else 'fp32'})", unit="batch", leave=False, disable=None)
         for i, idx in enumerate(bar):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step) * group["lr_mult"]
-            current, ahead = ahead, views(order[i + 1]) if i + 1 < len(order) else []
+            current, ahead = ahead, views(order[i + 1], epoch_spec) if i + 1 < len(order) else []
             x = torch.from_numpy(np.stack([f.result() for f in current])).to(device).contiguous(
                 memory_format=torch.channels_last)
             mixed = cfg.cutmix and rng.random() < cfg.cutmix
@@ -428,7 +449,9 @@ def train(cfg: TrainConfig) -> Path:
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
                         "seconds": time.time() - t0, **val})
         top1 = val.get("fine_top1", -loss_sum / max(seen, 1))
-        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / max(seen, 1):.3f}"
+        print(f"epoch {epoch + 1}/{cfg.epochs}"
+              + (f" ({epoch_spec.size} px)" if cfg.start_size else "")
+              + f": loss {loss_sum / max(seen, 1):.3f}"
               + (f", val product top-1 {val['fine_top1']:.3f}, category top-1 "
                  f"{val['coarse_top1']:.3f}" if val else "")
               + (f", attribute micro-F1 {val['attribute_micro_f1']:.3f}"
