@@ -53,7 +53,11 @@ class TrainConfig:
     # 128 and 512 against 256: new products from 5 photos -11.1 +- 3.5 and -14.2 +- 4.4 pp, the
     # rest within noise (bench/seeds.py, seeds-embed128-coarse025-s36 and seeds-coarse-embed-s36)
     embed_dim: int = 256
-    scale: float = 16.0  # cosine-softmax temperature of the product head
+    # cosine-softmax scale (inverse temperature) of the product head. 32 cost INT8 top-1
+    # -7.1 +- 1.4 pp and the kiosk matcher -6.1 pp; 12 and 8 cost new products from 5 photos
+    # -8.0 and -6.2 pp for unknown AUROC +2.0 and +3.3 pp (bench/seeds.py, seeds-scale-erasing-s37
+    # and seeds-scale-lower-s37, efficientnet_lite0 160 px, 2 seeds)
+    scale: float = 16.0
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.01  # backbone; the freshly initialised heads learn 10x faster
@@ -72,7 +76,10 @@ class TrainConfig:
     # seeds-cutmix-s36, efficientnet_lite0 160 px, 3 epochs, 2 seeds)
     cutmix: float = 0.0
     # chance that a training view gets a random-erasing box: a hand or a price tag over the
-    # product (+4.0 pp val top-1, efficientnet_lite2 260 px, 12 epochs)
+    # product (+4.0 pp val top-1, efficientnet_lite2 260 px, 12 epochs). 0.5 is a trade: coarse
+    # INT8 top-1 +4.2 +- 1.7 pp, INT8/FP32 agreement +2.0 +- 0.5 pp, but the kiosk matcher
+    # -2.5 +- 0.7 pp and new products -1.9 (5 photos) and -2.5 pp (catalog photo), so 0.25
+    # stays (bench/seeds.py, seeds-scale-erasing-s37, efficientnet_lite0 160 px, 2 seeds)
     erasing: float = 0.25
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
