@@ -315,10 +315,8 @@ def train(cfg: TrainConfig) -> Path:
     frozen = freeze_stages(model, cfg.frozen_stages if cfg.weights != "none" else 0)
     sizes = [epoch_size(cfg, e) for e in range(cfg.epochs)]
     autocasts = [pick_precision(cfg.precision, device, size) for size in sizes]
-    print(f"training {cfg.arch} at "
-          + (f"{cfg.size} px" if len(set(sizes)) == 1 else f"{' -> '.join(map(str, sizes))} px")
-          + f" on {device} in " + " then ".join(dict.fromkeys(
-              "bf16 autocast" if a else "fp32" for a in autocasts))
+    print(f"training {cfg.arch} at {' -> '.join(map(str, dict.fromkeys(sizes)))} px on {device} "
+          "in " + " then ".join(dict.fromkeys("bf16 autocast" if a else "fp32" for a in autocasts))
           + (f", first {cfg.frozen_stages} backbone stages frozen" if frozen else ""))
     heads = {id(p) for p in model.head_parameters()}
     optimizer = torch.optim.SGD(
