@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +202,6 @@ def rank_convs(pre: Path, calibration: list[np.ndarray], ranges: Path, keep: lis
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count()) or 1  # the cores this process may use (Linux), or all
     workers = max(1, min(workers or min(cores, RANK_WORKERS), len(convs)))
-    if "fork" not in get_all_start_methods():  # Windows: the trials run here
-        workers = 1
     trials = _Trials(pre, ranges, keep, options, probe, reference,
                      threads=0 if workers == 1 else max(1, cores // workers))
     base_model = pre.with_name("int8.onnx")
@@ -212,9 +210,11 @@ def rank_convs(pre: Path, calibration: list[np.ndarray], ranges: Path, keep: lis
     progress = {"desc": "INT8 sensitivity", "unit": "conv", "total": len(convs), "leave": False}
     if workers == 1:
         divergence = [_trial_divergence(trials, [c]) for c in tqdm(convs, **progress)]
-    else:  # forked, as torch's DataLoader workers are: spawning would re-run a script's
-        # __main__ in each worker; the workers use ONNX Runtime and numpy, never torch
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork"),
+    else:  # spawned, not forked: a fork of this process, which already runs ONNX Runtime's
+        # and torch's threads, can inherit a lock held by a thread the child lacks and hang
+        # for ever (CI did, in test_int8). A spawned worker starts clean: it imports this
+        # module (ONNX Runtime and numpy, never torch) and the command's guarded __main__
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                  initializer=_start_trials, initargs=(trials,)) as pool:
             divergence = list(tqdm(pool.map(_one_conv, convs), **progress))
     gain = {c: base - d for c, d in zip(convs, divergence, strict=True)}
