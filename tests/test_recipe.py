@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.augment import random_erasing
+from trainer.augment import camera_shift, random_erasing
 from trainer.config import CPU_BF16_FROM_PX, TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import Split, drop_products, read_layout, read_references
@@ -93,6 +93,23 @@ def test_random_erasing_covers_one_box_and_leaves_the_photo_alone() -> None:
         assert 0.02 * 8000 * 0.9 <= box <= 0.25 * 8000 * 1.1  # 2-25% of the photo
         assert len(changed) >= 0.95 * box  # one solid box of noise, not scattered pixels
     assert (photo == 7).all()  # the caller's photo is not touched
+
+
+def test_camera_shift_changes_white_balance_and_focus_not_the_photo() -> None:
+    photo = np.full((64, 64, 3), 128, np.uint8)
+    photo[:, ::2] = 160  # fine stripes: focus shows in them
+    gains, sharpness = [], []
+    for seed in range(40):
+        shot = camera_shift(photo, np.random.default_rng(seed))
+        assert shot.shape == photo.shape and shot.dtype == np.uint8
+        gains.append(shot.reshape(-1, 3).mean(0) / photo.reshape(-1, 3).mean(0))
+        sharpness.append(np.abs(np.diff(shot[..., 1].astype(int), axis=1)).mean())
+    gains = np.array(gains)
+    assert np.allclose(gains[:, 1], 1.0, atol=0.01)  # green is the white-balance anchor
+    assert gains[:, [0, 2]].min() < 0.92 and gains[:, [0, 2]].max() > 1.08  # red, blue move
+    assert np.abs(gains[:, 0] - gains[:, 2]).max() > 0.05  # independently: a colour cast
+    assert min(sharpness) < 0.5 * 32 and max(sharpness) == 32  # some out of focus, some not
+    assert (photo[:, 1::2] == 128).all() and (photo[:, ::2] == 160).all()  # caller's untouched
 
 
 def test_ema_moves_towards_the_model() -> None:

@@ -48,6 +48,19 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+def camera_shift(img: np.ndarray, rng: np.random.Generator, gain: float = 0.15,
+                 max_sigma: float = 1.5) -> np.ndarray:
+    """The photo as another camera in another light takes it: red and blue scaled against
+    green by up to `gain` (white balance), then blurred by a Gaussian of sigma up to
+    `max_sigma` pixels (focus). Val photos come from other sessions than train photos."""
+    x = img.astype(np.float32) * np.array([rng.uniform(1 - gain, 1 + gain), 1.0,
+                                           rng.uniform(1 - gain, 1 + gain)], np.float32)
+    sigma = rng.uniform(0, max_sigma)
+    if sigma > 0.3:  # below that a 3-tap kernel is all but the identity
+        x = cv2.GaussianBlur(x, (0, 0), sigma)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def random_erasing(img: np.ndarray, rng: np.random.Generator,
                    scale: tuple[float, float] = (0.02, 0.25),
                    ratio: tuple[float, float] = (0.3, 3.3)) -> np.ndarray:
@@ -68,16 +81,18 @@ def random_erasing(img: np.ndarray, rng: np.random.Generator,
 
 
 def augment(img: np.ndarray, spec: InputSpec, rng: np.random.Generator,
-            erasing: float = 0.0, shop: float = 0.0) -> np.ndarray:
+            erasing: float = 0.0, shop: float = 0.0, camera: float = 0.0) -> np.ndarray:
     """One random training view of an RGB photo, as the network's float input; `erasing` is
     the chance of a random-erasing box, `shop` the chance that a studio photo is first made a
-    shop view (models/studio.py)."""
+    shop view (models/studio.py), `camera` the chance of another white balance and focus."""
     if shop and rng.random() < shop:
         view = random_shop_view(img, rng)
         img = img if view is None else view
     x = random_resized_crop(img, spec.size, rng)
     if rng.random() < 0.5:
         x = x[:, ::-1]
+    if camera and rng.random() < camera:
+        x = camera_shift(x, rng)
     x = color_jitter(x, rng)
     if erasing and rng.random() < erasing:
         x = random_erasing(x, rng)

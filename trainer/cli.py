@@ -134,6 +134,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="share of CutMix batches")
     p.add_argument("--erasing", type=float, default=TrainConfig.erasing,
                    help="chance of a random-erasing box on a training view")
+    p.add_argument("--camera", type=float, default=TrainConfig.camera,
+                   help="chance of another camera's white balance and focus on a training view")
     p.add_argument("--ema", type=float, default=TrainConfig.ema,
                    help="decay of an exponential moving average of the weights (0 = off)")
     p.add_argument("--probe-epochs", type=int, default=TrainConfig.probe_epochs,

@@ -81,6 +81,9 @@ class TrainConfig:
     # -2.5 +- 0.7 pp and new products -1.9 (5 photos) and -2.5 pp (catalog photo), so 0.25
     # stays (bench/seeds.py, seeds-scale-erasing-s37, efficientnet_lite0 160 px, 2 seeds)
     erasing: float = 0.25
+    # chance that a training view is shifted to another camera's white balance and focus
+    # (trainer/augment.py camera_shift): train and val photos come from different sessions
+    camera: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
     # leading backbone stages (the stem is stage 0) kept at their ImageNet weights and

@@ -377,7 +377,8 @@ def train(cfg: TrainConfig) -> Path:
     def views(idx: np.ndarray, spec: InputSpec) -> list[Future]:
         seeds = rng.integers(0, 2**63, size=len(idx))
         return [loader.submit(augment, pool.images[j], spec, np.random.default_rng(s),
-                              cfg.erasing, cfg.shop_views if j >= len(data.train) else 0.0)
+                              cfg.erasing, cfg.shop_views if j >= len(data.train) else 0.0,
+                              cfg.camera)
                 for j, s in zip(idx, seeds, strict=True)]
 
     def lr_at(step: int) -> float:
