@@ -40,7 +40,7 @@ setup(
         "jetson": ["tensorrt", "pycuda", "jetson-stats"],
         # playwright drives Debian's chromium in tests/test_browser.py (its own browser
         # downloads are never used: `make test` installs chromium with apt-get)
-        "test": ["pytest>=8", "pillow>=10", "ruff>=0.6", "playwright>=1.45"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pillow>=10", "ruff>=0.6", "playwright>=1.45"],
         # bench/catalog_scale.py's reference column; the kiosk never imports it.
         "bench": ["faiss-cpu>=1.8"],
         # the fleet controller's PostgreSQL database (SQLite needs nothing)
