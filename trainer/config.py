@@ -98,7 +98,10 @@ class TrainConfig:
     # bf16 autocast (weights stay FP32); auto = bf16 where the CPU or GPU computes it natively,
     # on a CPU only from CPU_BF16_FROM_PX up
     precision: str = "auto"
-    reference_views: int = 4  # each catalog reference photo joins each epoch this many times
+    # each catalog reference photo joins each epoch this many times. 8 cost unknown AUROC
+    # -4.9 +- 3.2 pp (95% interval -9.6 to -0.4) and new products -4.3 (5 photos) and -3.7 pp
+    # (catalog photo), for 10% more time (bench/seeds.py, seeds-refviews-s38, Lite0, 2 seeds)
+    reference_views: int = 4
     # weight of the catalog-photo loss: each training view is also classified against the
     # current embeddings of the products' catalog photos instead of the learnt prototypes,
     # the task a product enrolled from its catalog photo alone sets the kiosk (0 = off).
