@@ -212,8 +212,8 @@ def rank_convs(pre: Path, calibration: list[np.ndarray], ranges: Path, keep: lis
         divergence = [_trial_divergence(trials, [c]) for c in tqdm(convs, **progress)]
     else:  # spawned, not forked: a fork of this process, which already runs ONNX Runtime's
         # and torch's threads, can inherit a lock held by a thread the child lacks and hang
-        # for ever (CI did, in test_int8). A spawned worker starts clean: it imports this
-        # module (ONNX Runtime and numpy, never torch) and the command's guarded __main__
+        # for ever (a CI run stalled here, in test_int8). A spawned worker starts clean: it
+        # imports this module (ONNX Runtime and numpy, never torch) and the guarded __main__
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                  initializer=_start_trials, initargs=(trials,)) as pool:
             divergence = list(tqdm(pool.map(_one_conv, convs), **progress))
