@@ -49,8 +49,8 @@ COLUMNS = ["variant", "calib photos", "agreement", "score KL", "embedding cos", 
            "drop pp", "batch-1 ms", "time vs FP32"]
 DEFAULT = QuantOptions()  # what `storyscan export` ships
 # training options that change the model, named in the report when not the defaults
-RECIPE = ("margin", "scale", "label_smoothing", "cutmix", "erasing", "camera", "ema",
-          "probe_epochs", "frozen_stages", "reference_views", "holdout")
+RECIPE = ("margin", "scale", "label_smoothing", "cutmix", "erasing", "camera", "crop_scale",
+          "ema", "probe_epochs", "frozen_stages", "reference_views", "holdout")
 VARIANTS: list[tuple[str, QuantOptions, int]] = [
     (f"default (first {DEFAULT.fp32_convs} convs FP32, minmax, uint8 act., per-channel)",
      DEFAULT, 256),

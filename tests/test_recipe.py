@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.augment import camera_shift, random_erasing
+from trainer.augment import camera_shift, random_erasing, random_resized_crop
 from trainer.config import CPU_BF16_FROM_PX, TrainConfig
 from trainer.errors import DataError
 from trainer.ingest import Split, drop_products, read_layout, read_references
@@ -112,6 +112,23 @@ def test_camera_shift_changes_white_balance_and_focus_not_the_photo() -> None:
     assert (photo[:, 1::2] == 128).all() and (photo[:, ::2] == 160).all()  # caller's untouched
 
 
+def test_crop_scale_sets_how_much_of_the_photo_a_view_keeps() -> None:
+    # each pixel holds its own position, so a view shows which part of the photo it kept
+    ys, xs = np.mgrid[0:120, 0:160]
+    photo = np.dstack([ys * 2, xs * 255 // 159, np.zeros_like(xs)]).astype(np.uint8)
+
+    def kept(scale: float, seed: int) -> float:
+        view = random_resized_crop(photo, 32, np.random.default_rng(seed), (scale, 1.0))
+        rows = (view[..., 0].max() - view[..., 0].min()) / 2 + 1
+        cols = (view[..., 1].max() - view[..., 1].min()) / (255 / 159) + 1
+        return rows * cols / photo[..., 0].size
+
+    wide = [kept(0.6, seed) for seed in range(30)]
+    close = [kept(0.08, seed) for seed in range(30)]
+    assert min(wide) >= 0.6 * 0.95  # never less than asked (a pixel of rounding)
+    assert min(close) < 0.3 < max(close)  # close shots of a part, and whole views too
+
+
 def test_ema_moves_towards_the_model() -> None:
     ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
     with torch.no_grad():
@@ -167,7 +184,7 @@ def test_training_with_every_switch_on(tiny: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(data=str(tiny), out=str(tmp_path / "run"), size=64, epochs=2,
                       batch_size=8, margin=0.2, label_smoothing=0.1, cutmix=0.5, ema=0.9,
                       probe_epochs=1, reference_views=2, catalog_loss=1.0,
-                      holdout=labels.fine[0], start_size=32)
+                      holdout=labels.fine[0], start_size=32, crop_scale=0.5)
     best = train(cfg)
     model, ckpt = load_checkpoint(best)
     assert ckpt["labels"]["fine"] == labels.fine[1:]
@@ -193,6 +210,14 @@ def test_progressive_resizing_grows_to_the_full_side_by_the_last_epoch() -> None
 def test_a_start_size_above_the_size_is_refused_in_one_line(tmp_path: Path) -> None:
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), size=64, start_size=96)
     with pytest.raises(DataError, match="--start-size 96: use 32 px up to --size 64"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.5])
+def test_a_crop_scale_outside_the_photo_is_refused_in_one_line(tmp_path: Path,
+                                                               share: float) -> None:
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), crop_scale=share)
+    with pytest.raises(DataError, match=f"--crop-scale {share}: a share of the photo's area"):
         train(cfg)
 
 

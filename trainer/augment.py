@@ -81,14 +81,16 @@ def random_erasing(img: np.ndarray, rng: np.random.Generator,
 
 
 def augment(img: np.ndarray, spec: InputSpec, rng: np.random.Generator,
-            erasing: float = 0.0, shop: float = 0.0, camera: float = 0.0) -> np.ndarray:
+            erasing: float = 0.0, shop: float = 0.0, camera: float = 0.0,
+            crop_scale: float = 0.25) -> np.ndarray:
     """One random training view of an RGB photo, as the network's float input; `erasing` is
     the chance of a random-erasing box, `shop` the chance that a studio photo is first made a
-    shop view (models/studio.py), `camera` the chance of another white balance and focus."""
+    shop view (models/studio.py), `camera` the chance of another white balance and focus,
+    `crop_scale` the least share of the photo's area a view keeps."""
     if shop and rng.random() < shop:
         view = random_shop_view(img, rng)
         img = img if view is None else view
-    x = random_resized_crop(img, spec.size, rng)
+    x = random_resized_crop(img, spec.size, rng, (crop_scale, 1.0))
     if rng.random() < 0.5:
         x = x[:, ::-1]
     if camera and rng.random() < camera:

@@ -136,6 +136,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="chance of a random-erasing box on a training view")
     p.add_argument("--camera", type=float, default=TrainConfig.camera,
                    help="chance of another camera's white balance and focus on a training view")
+    p.add_argument("--crop-scale", type=float, default=TrainConfig.crop_scale,
+                   help="least share of a photo's area a training view's random crop keeps")
     p.add_argument("--ema", type=float, default=TrainConfig.ema,
                    help="decay of an exponential moving average of the weights (0 = off)")
     p.add_argument("--probe-epochs", type=int, default=TrainConfig.probe_epochs,

@@ -89,6 +89,9 @@ class TrainConfig:
     # and from their catalog photo -8.0 pp, for trained products +0.8 pp (bench/seeds.py,
     # seeds-camera-wd-s38, efficientnet_lite0 160 px, 2 seeds)
     camera: float = 0.0
+    # least share of a photo's area a training view's random crop keeps (the most is all of it):
+    # low values show parts of a product, as a close shot or a pile does, high ones whole products
+    crop_scale: float = 0.25
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     probe_epochs: int = 0  # first epochs train the heads only, on a frozen backbone
     # leading backbone stages (the stem is stage 0) kept at their ImageNet weights and

@@ -299,6 +299,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.start_size and not 32 <= cfg.start_size <= cfg.size:
         raise DataError(f"--start-size {cfg.start_size}: use 32 px up to --size {cfg.size}, "
                         "or 0 to train every epoch at --size")
+    if not 0 < cfg.crop_scale <= 1:
+        raise DataError(f"--crop-scale {cfg.crop_scale}: a share of the photo's area, above 0 "
+                        "and at most 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = input_spec(cfg.arch, cfg.size)
@@ -378,7 +381,7 @@ def train(cfg: TrainConfig) -> Path:
         seeds = rng.integers(0, 2**63, size=len(idx))
         return [loader.submit(augment, pool.images[j], spec, np.random.default_rng(s),
                               cfg.erasing, cfg.shop_views if j >= len(data.train) else 0.0,
-                              cfg.camera)
+                              cfg.camera, cfg.crop_scale)
                 for j, s in zip(idx, seeds, strict=True)]
 
     def lr_at(step: int) -> float:
