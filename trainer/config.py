@@ -113,7 +113,9 @@ class TrainConfig:
     # current embeddings of the products' catalog photos instead of the learnt prototypes,
     # the task a product enrolled from its catalog photo alone sets the kiosk (0 = off).
     # New products from their catalog photo +12.8 +- 2.9 pp, unknown AUROC +2.0 pp, kiosk
-    # matcher +3.2 pp, training +23 % (bench/seeds.py, 3 seeds, efficientnet_lite0 160 px)
+    # matcher +3.2 pp, training +23 % (bench/seeds.py, 3 seeds, efficientnet_lite0 160 px).
+    # 2 against 1: catalog photo +3.3 pp, but INT8 top-1 -4.7 +- 1.4 pp and the kiosk matcher
+    # -4.4 pp (interval -8.9 to +0.0) (bench/seeds.py, seeds-catalog-loss-s39, 2 seeds, folds 1-2)
     catalog_loss: float = 1.0
     # chance that a training view of a studio catalog photo is first made a shop view: the
     # product cut out and placed, alone or piled, on a dark backdrop (models/studio.py).
