@@ -13,10 +13,11 @@ import numpy as np
 
 from models.preprocess import InputSpec, normalize
 from models.studio import random_shop_view
+from trainer.config import TrainConfig
 
 
 def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.25, 1.0),
+                        scale: tuple[float, float],
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
     """A random patch covering `scale` of the photo's area, resized to size x size."""
     h, w = img.shape[:2]
@@ -82,7 +83,7 @@ def random_erasing(img: np.ndarray, rng: np.random.Generator,
 
 def augment(img: np.ndarray, spec: InputSpec, rng: np.random.Generator,
             erasing: float = 0.0, shop: float = 0.0, camera: float = 0.0,
-            crop_scale: float = 0.25) -> np.ndarray:
+            crop_scale: float = TrainConfig.crop_scale) -> np.ndarray:
     """One random training view of an RGB photo, as the network's float input; `erasing` is
     the chance of a random-erasing box, `shop` the chance that a studio photo is first made a
     shop view (models/studio.py), `camera` the chance of another white balance and focus,
