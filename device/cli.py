@@ -31,19 +31,58 @@ USER_ERRORS: tuple[type[Exception], ...] = (ImageError, BundleError, CatalogErro
                                             FileNotFoundError)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, so `--help` says what a run does when not
+    told otherwise; a flag, a required option, one without a default, or one whose help
+    already names its default, says nothing more."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and not action.required and action.nargs != 0
+                and default is not None and default is not False and default != ""
+                and default is not argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """storyscan's parsers; argparse makes each subcommand's parser of its parent's class, so
+    every command's help shows its defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def add_model_args(p: argparse.ArgumentParser, need_bundle: bool = True) -> None:
     p.add_argument("--bundle", default=os.environ.get("STORYSCAN_BUNDLE"),
                    required=need_bundle and not os.environ.get("STORYSCAN_BUNDLE"),
                    help="model bundle directory (default: $STORYSCAN_BUNDLE)")
     p.add_argument("--precision", choices=("int8", "fp32", "fp16"), default="int8",
                    help="model precision (fp16: TensorRT engine only)")
-    p.add_argument("--engine", choices=("auto", *BACKENDS), default="auto")
+    p.add_argument("--engine", choices=("auto", *BACKENDS), default="auto",
+                   help="inference engine (auto: TensorRT where it is installed, else ONNX "
+                        "Runtime)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
 
 
 def add_catalog_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", default=os.environ.get("STORYSCAN_CATALOG", "catalog.db"),
                    help="catalog SQLite file (default: $STORYSCAN_CATALOG or catalog.db)")
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    """How the matcher searches the catalog (`storyscan scan` and `storyscan kiosk`)."""
+    p.add_argument("--top-coarse", type=whole_number, default=0, metavar="N",
+                   help="search only products of the model's N likeliest categories "
+                        "(default 0: all products)")
+    p.add_argument("--category-prior", action="store_true",
+                   help="rank products by similarity plus the category head's log-probability "
+                        "of their category (see bench/matching.py)")
+    p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N",
+                   help="shortlist N reference embeddings by their 4-bit codes before exact "
+                        "matching, for very large catalogs (default 0: exact search)")
 
 
 # --- storyscan scan ----------------------------------------------------------------------------
@@ -333,24 +372,16 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--threshold", type=float,
                    help="best similarity below which a photo is unknown (default: the bundle's "
                         "calibrated threshold; 0 turns the unknown check off)")
-    p.add_argument("--top-coarse", type=whole_number, default=0, metavar="N",
-                   help="search only products of the model's N likeliest categories "
-                        "(default 0: all products)")
-    p.add_argument("--category-prior", action="store_true",
-                   help="rank products by similarity plus the category head's log-probability "
-                        "of their category (see bench/matching.py)")
-    p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N",
-                   help="shortlist N reference embeddings by their 4-bit codes before exact "
-                        "matching, for very large catalogs (default 0: exact search)")
+    add_search_args(p)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("enroll", help="make a product recognisable from a few photos, now")
-    p.add_argument("sku")
+    p.add_argument("sku", help="the product's SKU (new, or one in the catalog)")
     p.add_argument("photos", nargs="+", help="photo files or folders of the product")
     p.add_argument("--name", help="product name (needed for a new product)")
     p.add_argument("--category", help="category (needed for a new product)")
-    p.add_argument("--price", type=float)
-    p.add_argument("--currency", default="EUR")
+    p.add_argument("--price", type=float, help="shelf price of a new product")
+    p.add_argument("--currency", default="EUR", help="currency of --price")
     p.add_argument("--story", help="the product's story")
     p.add_argument("--lang", default="en", help="language of --story")
     add_model_args(p)
@@ -370,15 +401,14 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                         "model releases and commands to this kiosk; the bundle defaults to "
                         "the config's paths.bundle. Not beside 'storyscan agent' on the same "
                         "config: one agent per outbox")
-    p.add_argument("--mode", choices=("shopper", "inventory"), default="shopper")
+    p.add_argument("--mode", choices=("shopper", "inventory"), default="shopper",
+                   help="what a scan is for: a shopper's card, or a staff inventory count")
     p.add_argument("--session", help="inventory session the scans count towards")
     p.add_argument("--still-frames", type=whole_number, default=6, metavar="N",
                    help="frames a product must be held still before it is recognised")
     p.add_argument("--threshold", type=float,
                    help="best similarity below which a scan is unknown (default: the bundle's)")
-    p.add_argument("--top-coarse", type=whole_number, default=0, metavar="N")
-    p.add_argument("--category-prior", action="store_true")
-    p.add_argument("--hash-candidates", type=whole_number, default=0, metavar="N")
+    add_search_args(p)
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--max-scans", type=whole_number, help="stop after this many scans")
     p.add_argument("--health-every", type=float, default=60.0, metavar="S",
@@ -423,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT (a background job of a non-interactive shell, a service manager): Python would
     # otherwise inherit the ignore and a kiosk could only be killed
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="storyscan",
         description="storyscan: recognise a product in a photo and tell its story; train and "
                     "export the models that do it.")

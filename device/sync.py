@@ -969,6 +969,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                    help="the device config from 'storyscan provision' (default: "
                         "$STORYSCAN_DEVICE_CONFIG)")
     p.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="the least severe log lines printed")
     p.set_defaults(func=cmd_agent)
     return [ConfigError]

@@ -291,7 +291,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                                            "acks into the fleet database (runs until Ctrl-C)")
     _add_broker_args(q)
     _add_db_arg(q)
-    q.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    q.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="the least severe log lines printed")
     q.set_defaults(func=cmd_controller)
 
     q = fsub.add_parser("status", help="devices online/offline, last seen, model and catalog "
@@ -300,7 +301,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     q.add_argument("--fleet", help="only this fleet")
     q.add_argument("--stale", type=float, default=300.0, metavar="S",
                    help="an online device silent for S seconds shows as stale (default 300)")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the status as JSON")
     q.set_defaults(func=cmd_status)
 
     q = fsub.add_parser("stats", help="scans per product / device / day")
@@ -314,7 +315,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     q.set_defaults(func=cmd_stats)
 
     q = fsub.add_parser("command", help="send a command to a device and wait for its ack")
-    q.add_argument("device")
+    q.add_argument("device", help="the device's id")
     q.add_argument("name", choices=("ping", "set-config", "reload-catalog", "rollback"),
                    help="the command")
     q.add_argument("args", nargs="*", help="set-config: KEY VALUE")
@@ -365,9 +366,9 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     q.set_defaults(func=cmd_publish_catalog)
 
     q = fsub.add_parser("serve", help="serve release archives over HTTP (with Range requests)")
-    q.add_argument("folder")
-    q.add_argument("--port", type=int, default=8000)
-    q.add_argument("--host", default="0.0.0.0")
+    q.add_argument("folder", help="the folder of release archives")
+    q.add_argument("--port", type=int, default=8000, help="TCP port to serve on")
+    q.add_argument("--host", default="0.0.0.0", help="address to serve on (0.0.0.0: all)")
     q.set_defaults(func=cmd_serve)
 
     from device.sync import ConfigError

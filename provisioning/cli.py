@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p = sub.add_parser("provision", help="provision a kiosk for a fleet: identity, broker "
                                          "credentials and ACL, TLS, config, systemd units")
     p.add_argument("name", help="the device's id (or the controller's name with --controller)")
-    p.add_argument("--fleet", required=True)
+    p.add_argument("--fleet", required=True, help="the fleet's name")
     p.add_argument("--group", help="the device's group (releases go to groups)")
     p.add_argument("--controller", action="store_true",
                    help="provision the fleet's controller instead of a device")

@@ -46,6 +46,49 @@ def test_every_recipe_setting_is_a_train_option() -> None:
     assert wanted - flags == set()
 
 
+def test_every_option_says_what_it_is_for_and_its_default() -> None:
+    """`storyscan COMMAND --help` is the manual at the kiosk and the workstation: each
+    argument of each command has a line of help, and an option with a default names it."""
+    import argparse
+    from importlib.metadata import entry_points
+
+    from device.cli import Parser
+
+    parser = Parser(prog="storyscan")
+    sub = parser.add_subparsers(dest="command")
+    for ep in entry_points(group="storyscan.commands"):
+        ep.load()(sub)
+    silent = []
+
+    def walk(p: argparse.ArgumentParser, command: str) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{command} {name}".strip())
+            elif not action.help:
+                silent.append(f"{command} {action.option_strings or action.dest}")
+
+    walk(parser, "")
+    assert silent == []
+
+    def option_help(text: str, option: str) -> str:
+        """The help of `option`: its line and the lines indented under it."""
+        block = text.split(f"\n  {option}", 1)[1]
+        return " ".join(re.split(r"\n  -", block, maxsplit=1)[0].split())
+
+    train = storyscan("train", "--help").stdout
+    assert option_help(train, "--crop-scale").endswith("(default: 0.25)")
+    assert option_help(train, "--arch").endswith("(default: efficientnet_lite0)")
+    assert option_help(train, "--start-size").endswith("(default: 0)")  # a 0 is a default too
+    for told in ("--data", "--resume", "--holdout"):  # required, a flag, empty
+        assert "default" not in option_help(train, told)
+    export = storyscan("export", "--help").stdout
+    assert option_help(export, "--fp32-sensitive").endswith("(default: 0)")
+    assert "(default: True)" not in export  # --no-flip
+    scan = storyscan("scan", "--help").stdout  # the help names its default already: once
+    assert option_help(scan, "--top-coarse").count("default") == 1
+
+
 def test_missing_data_folder_is_one_line(tmp_path: Path) -> None:
     result = storyscan("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "run")
     assert result.returncode == 1

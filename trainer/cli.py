@@ -93,12 +93,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p = sub.add_parser("demo-data", help="generate the synthetic demo catalog and photos")
     p.add_argument("out", help="output folder")
-    p.add_argument("--products", type=int, default=30)
+    p.add_argument("--products", type=int, default=30, help="products in the demo shop")
     p.add_argument("--train", type=int, default=24, help="training photos per product")
     p.add_argument("--val", type=int, default=6, help="validation photos per product")
     p.add_argument("--scans", type=int, default=6, help="held-out scan photos per product")
     p.add_argument("--size", type=int, default=256, help="photo side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed makes the same shop")
     p.add_argument("--video-placements", type=int, default=8, metavar="N",
                    help="products placed in the 1280x720 scan video scan_video.avi, the "
                         "kiosk's simulated camera (0: no video)")
@@ -108,28 +108,35 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--data", required=True,
                    help="folder tree (train/ and val/) or Grocery-Store-style list files")
     p.add_argument("--out", default="runs/model", help="checkpoint folder")
-    p.add_argument("--arch", default=TrainConfig.arch, choices=ARCHS)
+    p.add_argument("--arch", default=TrainConfig.arch, choices=ARCHS, metavar="ARCH",
+                   help=f"the network: {', '.join(ARCHS)}")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet, none (random init) or a backbone checkpoint file")
     p.add_argument("--size", type=int, default=TrainConfig.size, help="network input side")
     p.add_argument("--start-size", type=int, default=TrainConfig.start_size,
                    help="progressive resizing: the first epoch's input side, growing to --size "
                         "by the last epoch (0: every epoch at --size)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+                   help="passes over the training photos")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="training views a step")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help="the backbone's peak learning rate (SGD, cosine schedule)")
     p.add_argument("--head-lr-mult", type=float, default=TrainConfig.head_lr_mult,
                    help="learning rate of the freshly initialised heads, times --lr")
-    p.add_argument("--momentum", type=float, default=TrainConfig.momentum)
-    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--momentum", type=float, default=TrainConfig.momentum, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                   help="L2 weight decay")
     p.add_argument("--warmup-epochs", type=float, default=TrainConfig.warmup_epochs,
                    help="linear learning-rate warm-up before the cosine schedule")
-    p.add_argument("--embed-dim", type=int, default=TrainConfig.embed_dim)
+    p.add_argument("--embed-dim", type=int, default=TrainConfig.embed_dim,
+                   help="length of the embedding the kiosk matches")
     p.add_argument("--margin", type=float, default=TrainConfig.margin,
                    help="CosFace cosine margin of the product head (metric learning)")
     p.add_argument("--scale", type=float, default=TrainConfig.scale,
                    help="cosine-softmax scale (inverse temperature) of the product head")
-    p.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
+    p.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing,
+                   help="share of each target spread over the other products")
     p.add_argument("--cutmix", type=float, default=TrainConfig.cutmix,
                    help="share of CutMix batches")
     p.add_argument("--erasing", type=float, default=TrainConfig.erasing,
@@ -164,7 +171,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                         "labels (0: no attribute head)")
     p.add_argument("--holdout", default="",
                    help="comma-separated products left out of training entirely")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the heads, the views and their order")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     p.add_argument("--loader-threads", type=int, default=0,
                    help="threads making augmented training views (0 = one per core, at most 8)")
@@ -187,11 +195,12 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--data", required=True,
                    help="the training data: calibration from train, INT8 check on val")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--name", default="storyscan")
-    p.add_argument("--version", default="1")
-    p.add_argument("--calibration-photos", type=int, default=256)
+    p.add_argument("--name", default="storyscan", help="the bundle's model name")
+    p.add_argument("--version", default="1", help="the bundle's model version")
+    p.add_argument("--calibration-photos", type=int, default=256,
+                   help="training photos that set the INT8 activation ranges")
     p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"),
-                   default="minmax")
+                   default="minmax", help="how those photos set the ranges")
     p.add_argument("--fp32-convs", type=int, default=FP32_CONVS,
                    help="keep the first N convolutions in FP32 (see docs/BENCHMARKS.md)")
     p.add_argument("--fp32-sensitive", type=int, default=FP32_SENSITIVE,
@@ -222,12 +231,12 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
     p.add_argument("--out", default="runs/compare",
                    help="folder for each arch's checkpoints and bundle, and compare.json")
     p.add_argument("--size", type=int, default=224, help="network input side")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--epochs", type=int, default=10, help="epochs each architecture trains")
+    p.add_argument("--batch-size", type=int, default=32, help="training views a step")
+    p.add_argument("--lr", type=float, default=0.01, help="the backbone's peak learning rate")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for training and the latency runs (0 = all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="one seed for every architecture")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
     p.set_defaults(func=cmd_compare)
 
