@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
@@ -61,8 +61,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
-    p.add_argument("--section", default="accuracy",
-                   help="section of docs/BENCHMARKS.md to write (e.g. one per machine kind)")
+    add_docs_args(p)
     args = p.parse_args()
     if not (args.data / "train.txt").is_file():
         sys.exit(f"bench/accuracy.py: {args.data}: Grocery Store data not found (--data)")
@@ -87,9 +86,7 @@ def main() -> None:
         "load.\n\n"
         + format_markdown_table(rows, COLUMNS, formats)
     )
-    title = "Accuracy on Grocery Store val" + (f" ({args.section})"
-                                               if args.section != "accuracy" else "")
-    print(f"written to {write_section(args.section, title, body)}")
+    write_docs(args, "accuracy", "Accuracy on Grocery Store val", body)
 
 
 if __name__ == "__main__":

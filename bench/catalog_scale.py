@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from device.matcher import SCAN_FROM, SCAN_THREADS, Matcher, hamming, hash_codes
 from models.tables import format_markdown_table, format_table
 
@@ -190,7 +190,7 @@ def main() -> None:
                    help="sign-bit Hamming shortlist sizes (comma-separated; '' for none)")
     p.add_argument("--faiss-threads", type=int, default=SCAN_THREADS,
                    help="faiss OpenMP threads (default: as many as the matcher's scans use)")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
     args.candidates = [int(c) for c in args.candidates.split(",") if c]
     args.sign_bits = [int(c) for c in args.sign_bits.split(",") if c]
@@ -228,7 +228,7 @@ def main() -> None:
             + "".join(f"\n\n{n}" for n in dict.fromkeys(notes)))
     name = "catalog-scale" if args.refs == 1 else f"catalog-scale-{args.refs}refs"
     title = "Catalog scale" + (f" ({args.refs} references per product)" if args.refs > 1 else "")
-    print("written to " + str(write_section(name, title, body)))
+    write_docs(args, name, title, body)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.weights import WeightsError
 from trainer.compare import CompareConfig, compare, markdown_table, table
 
@@ -37,9 +37,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for training and the latency runs (0 = all cores)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-compare"))
-    p.add_argument("--section", default="compare",
-                   help="section of docs/BENCHMARKS.md to write (e.g. one per machine kind)")
-    p.add_argument("--no-docs", action="store_true", help="print the table only")
+    add_docs_args(p)
     args = p.parse_args()
     if not args.data.is_dir():
         sys.exit(f"bench/compare.py: {args.data}: data not found (--data)")
@@ -66,8 +64,7 @@ def main() -> None:
         "min` is wall-clock, photo checks included; on a shared machine it varies with load.\n\n"
         + markdown_table(results)
     )
-    title = "Architectures compared" + (f" ({args.section})" if args.section != "compare" else "")
-    print(f"written to {write_section(args.section, title, body)}")
+    write_docs(args, "compare", "Architectures compared", body)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from bench.protocols import (
     search,
     train_and_export,
 )
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from device.pipeline import SHOP_VIEWS
 from models.preprocess import load_image
 from models.studio import shop_views
@@ -142,24 +142,20 @@ def main() -> None:
                    help="a --holdout checkpoint (repeat: one run per checkpoint, e.g. seeds)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=Path("runs/bench-enrolment-views"))
-    p.add_argument("--section", default="enrolment-views",
-                   help="docs/BENCHMARKS.md section to write")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
 
     rows = [row for i, checkpoint in enumerate(args.checkpoint)
             for row in measure(checkpoint, args.data, args.out, f"held-out-bundle-{i}")]
     print(format_table(rows, COLUMNS))
-    if not args.no_docs:
-        title = "Enrolment views: centre crops and shop views of new photos"
-        write_section(args.section, title + (f" ({args.section})" if args.section !=
-                                             "enrolment-views" else ""),
-                      "Held-out models (bench/protocols.py's products held out of training), "
-                      "INT8 bundles, search of all products. Tune: training photos of held-out "
-                      "products not enrolled; val: the val photos of held-out products (new) "
-                      "and of trained ones (known).\n\n"
-                      + "".join(f"- `{c}`: {trained_with(c)}\n" for c in args.checkpoint)
-                      + "\n" + format_markdown_table(rows, COLUMNS))
+    write_docs(args, "enrolment-views",
+               "Enrolment views: centre crops and shop views of new photos",
+               "Held-out models (bench/protocols.py's products held out of training), INT8 "
+               "bundles, search of all products. Tune: training photos of held-out products not "
+               "enrolled; val: the val photos of held-out products (new) and of trained ones "
+               "(known).\n\n"
+               + "".join(f"- `{c}`: {trained_with(c)}\n" for c in args.checkpoint)
+               + "\n" + format_markdown_table(rows, COLUMNS))
 
 
 def trained_with(checkpoint: Path) -> str:

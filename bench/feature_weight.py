@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from device.matcher import Matcher
 from models.preprocess import InputSpec, prepare
 from models.recognizer import FlipAveraged
@@ -103,7 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
     h = load_held_out(args.checkpoint, args.data)
     ckpt, spec, held, known = h.ckpt, h.spec, h.held, h.known
@@ -163,8 +163,7 @@ def main() -> None:
             f"photos) are for information only. FP32 with flip averaging.\n\n"
             + format_markdown_table(rows, COLUMNS)
             + f"\n\nChosen: feature weight {chosen['feature weight']}.")
-    write_section("feature-weight", "Choosing the feature weight of the matched embedding",
-                  body)
+    write_docs(args, "feature-weight", "Choosing the feature weight of the matched embedding", body)
 
 
 if __name__ == "__main__":

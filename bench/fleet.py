@@ -53,7 +53,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import add_docs_args, write_docs  # noqa: E402
 from bench.ui_load import build_demo  # noqa: E402
 from models.tables import format_markdown_table, format_table  # noqa: E402
 
@@ -143,7 +143,7 @@ def main() -> None:
     p.add_argument("--waves", default="10,50,100", help="rollout waves, %% of the group")
     p.add_argument("--processes", type=int, default=4, help="processes the agents run in")
     p.add_argument("--work", type=Path, help="where to build (and keep) the demo model")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
 
     from device.scans import ScanLog
@@ -371,7 +371,7 @@ def main() -> None:
             "them; on a real fleet each kiosk has its own.\n\n"
             + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, c, FORMATS)}"
                           for t, r, c in tables))
-    write_section("fleet", "Fleet: 100 kiosks on loopback", body)
+    write_docs(args, "fleet", "Fleet: 100 kiosks on loopback", body)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from device.engines import infer_all
 from device.engines.ort import OrtEngine
 from models.preprocess import InputSpec, prepare
@@ -127,8 +127,7 @@ def main() -> None:
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="export the plain model, without flip test-time augmentation")
     p.add_argument("--variants", help="only these rows (comma-separated numbers, 1 = default)")
-    p.add_argument("--section", help="docs/BENCHMARKS.md section to write (default: "
-                   "int8-fidelity-ARCH-SIZE)")
+    add_docs_args(p)  # the bench's own section: int8-fidelity-ARCH-SIZE
     args = p.parse_args()
     variants = ([VARIANTS[int(i) - 1] for i in args.variants.split(",")] if args.variants
                 else VARIANTS)
@@ -192,9 +191,7 @@ def main() -> None:
             "`time vs FP32` its ratio to FP32's. Sensitive "
             "convolutions are ranked on calibration (training) photos, never on val.\n\n"
             + format_markdown_table(rows, COLUMNS, formats))
-    section = args.section or f"int8-fidelity-{arch}-{size}"
-    title = f"INT8 fidelity ({arch}, {size} px)" + (f" ({section})" if args.section else "")
-    print("written to " + str(write_section(section, title, body)))
+    write_docs(args, f"int8-fidelity-{arch}-{size}", f"INT8 fidelity ({arch}, {size} px)", body)
 
 
 if __name__ == "__main__":

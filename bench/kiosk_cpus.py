@@ -32,7 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.emulated_cpu import ARM_CPUS, EmulationUnavailable, arm_kiosk, avx2_only_env
-from bench.report import cpu_model, write_section
+from bench.report import add_docs_args, cpu_model, write_docs
 from device.engines import infer_all, open_engine
 from device.updates import ReleaseRefused, self_test
 from models.bundle import load_bundle
@@ -124,8 +124,7 @@ def main() -> None:
                         "Arm CPU runs the val photos in about 15 minutes on 2 cores")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--timed", type=int, default=TIMED, help=argparse.SUPPRESS)
-    p.add_argument("--section", default="kiosk-cpus", help="docs/BENCHMARKS.md section name")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
     if args.worker:
         return measure(args.bundle, args.data, args.worker, args.timed)
@@ -162,9 +161,7 @@ def main() -> None:
                 "no times."
                 f"\n\n{format_markdown_table(rows, COLUMNS)}"
                 + "".join(f"\n\nNot emulated on this machine: {m}." for m in missing))
-        doc = write_section(args.section, "Kiosk CPUs: one INT8 bundle on other kiosk CPUs",
-                            body)
-        print(f"\nwrote {doc}")
+        write_docs(args, "kiosk-cpus", "Kiosk CPUs: one INT8 bundle on other kiosk CPUs", body)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from device.catalog import Catalog
 from device.crop import product_crop
 from device.importers import read_products
@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--frames", type=int, default=100, help="scans timed per pipeline")
     p.add_argument("--calibration-photos", type=int, default=128)
-    p.add_argument("--no-docs", dest="docs", action="store_false")
+    add_docs_args(p)
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())  # every core, as ONNX Runtime uses
     frames = held_frames(args.frames)
@@ -162,7 +162,7 @@ def main() -> None:
                                                     "speed-up vs eager": ".2f"}), flush=True)
     formats = {"p50 ms": ".1f", "p95 ms": ".1f", "speed-up vs eager": ".2f"}
     print(format_table(rows, COLUMNS, formats))
-    if args.docs:
+    if not args.no_docs:
         body = (f"One scan from a 1280x720 RGB frame to a result, {len(frames)} frames with a "
                 "product held still (synthetic scan video), pipelines timed alternately frame "
                 "by frame. Kiosk = presence check + square crop around the product + "
@@ -172,7 +172,7 @@ def main() -> None:
                 "softmax top-1. Networks are untrained (time does not depend on the weights); "
                 f"INT8 calibrated on {args.calibration_photos} training photos.\n\n"
                 + format_markdown_table(rows, COLUMNS, formats))
-        print("written to " + str(write_section("latency", "Kiosk scan latency", body)))
+        write_docs(args, "latency", "Kiosk scan latency", body)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from bench.protocols import (
     search,
     train_and_export,
 )
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.tables import format_markdown_table, format_table
 from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.ingest import catalog_products, read_layout
@@ -53,9 +53,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench-matching"))
     p.add_argument("--training-photos", action="store_true",
                    help="also search a catalog with every training photo as a reference")
-    p.add_argument("--section", default="matching",
-                   help="section of docs/BENCHMARKS.md to write (one per comparison)")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
 
     labels, train, val = read_layout(args.data)
@@ -85,16 +83,13 @@ def main() -> None:
                                      "top-5": top5.mean(), "match µs": us})
     print(format_table(heads, HEAD_COLUMNS))
     print(format_table(searches, COLUMNS))
-    if not args.no_docs:
-        title = "Kiosk matcher search modes (closed set, INT8)"
-        write_section(args.section, title + (f" ({args.section})"
-                                             if args.section != "matching" else ""),
-                      f"Every `val` photo ({len(truth)}), one at a time through the INT8 "
-                      "bundle, against a catalog of every product"
-                      + (f" (and one with all {len(train)} training photos enrolled too)"
-                         if args.training_photos else "") + ".\n\n"
-                      f"**Classifier heads**\n\n{format_markdown_table(heads, HEAD_COLUMNS)}"
-                      f"\n\n**Matcher**\n\n{format_markdown_table(searches, COLUMNS)}")
+    write_docs(args, "matching", "Kiosk matcher search modes (closed set, INT8)",
+               f"Every `val` photo ({len(truth)}), one at a time through the INT8 bundle, against "
+               "a catalog of every product"
+               + (f" (and one with all {len(train)} training photos enrolled too)"
+                  if args.training_photos else "") + ".\n\n"
+               f"**Classifier heads**\n\n{format_markdown_table(heads, HEAD_COLUMNS)}"
+               f"\n\n**Matcher**\n\n{format_markdown_table(searches, COLUMNS)}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from bench.feature_weight import DEFAULT_DATA, HeldOut, load_held_out
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.tables import format_markdown_table, format_table
 
 PENALTIES = (0.0, 0.05, 0.1, 0.15, 0.2)
@@ -80,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
     h = load_held_out(args.checkpoint, args.data)
     val_new = np.isin(h.names["val"], h.held)
@@ -147,7 +147,7 @@ def main() -> None:
             f"the {int((~val_new).sum())} of trained ones).\n\n"
             + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, cl, FORMATS)}"
                             for t, r, cl in tables))
-    write_section("new-products", "New products: where their photos go", body)
+    write_docs(args, "new-products", "New products: where their photos go", body)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from device.catalog import Catalog, Product
 from device.engines import open_engine
 from device.matcher import Matcher, hash_recall
@@ -299,9 +299,7 @@ def main() -> None:
     p.add_argument("--feature-weight", type=float, default=FEATURE_WEIGHT,
                    help="export option: share of backbone features in the matched embedding")
     p.add_argument("--trained-on", help="where reused checkpoints were trained (for the docs)")
-    p.add_argument("--section", default="protocols",
-                   help="section of docs/BENCHMARKS.md to write (e.g. one per training machine)")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     add_recipe_options(p)
     args = p.parse_args()
     recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
@@ -368,9 +366,8 @@ def main() -> None:
             + (f"; checkpoints used: {' and '.join(reused)}" if reused else "")
             + f". Held out: {', '.join(held)}.\n\n"
             + "\n\n".join(f"**{t}**\n\n{format_markdown_table(r, c)}" for t, r, c in tables))
-    title = "Recognition protocols: closed set, new products, unknown items"
-    write_section(args.section, title + (f" ({args.section})" if args.section != "protocols"
-                                         else ""), body)
+    write_docs(args, "protocols",
+               "Recognition protocols: closed set, new products, unknown items", body)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.recognizer import FlipAveraged, input_spec
 from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--steps", default=",".join(s for s, _, _ in STEPS),
                    help="which steps to run, in order (comma-separated)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-recipe"))
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
 
     base = TrainConfig(data=str(args.data), arch=args.arch, size=args.size, epochs=args.epochs,
@@ -153,9 +153,9 @@ def main() -> None:
             f"waiting whenever another job shared the two cores; the fastest epoch is the cost "
             f"of the row itself.\n\n{format_markdown_table(rows, COLUMNS)}\n\n"
             f"Kept recipe: {', '.join(f'{k}={v}' for k, v in changes.items()) or 'the seed'}.")
-    write_section(f"recipe-{args.arch}-{args.size}-{args.epochs}",
-                  f"Training recipe, step by step ({args.arch}, {args.size} px, "
-                  f"{args.epochs} epochs)", body)
+    write_docs(args, f"recipe-{args.arch}-{args.size}-{args.epochs}",
+               f"Training recipe, step by step ({args.arch}, {args.size} px, {args.epochs} epochs)",
+               body)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ benchmarks' sections as they were.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -77,6 +78,26 @@ def machine() -> str:
 
 def command() -> str:
     return "python " + shlex.join(["bench/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def add_docs_args(p: argparse.ArgumentParser) -> None:
+    """`--section` and `--no-docs`, the same on every benchmark."""
+    p.add_argument("--section", help="docs/BENCHMARKS.md section to write (default: the "
+                   "benchmark's own); another name keeps this run beside the last, named in "
+                   "its title")
+    p.add_argument("--no-docs", action="store_true",
+                   help="print the tables only; docs/BENCHMARKS.md stays as it is")
+
+
+def write_docs(args: argparse.Namespace, own: str, title: str, body: str) -> None:
+    """Write `body` as the benchmark's section `own`, or as the one `--section` names (then
+    named in the title too, so two runs side by side tell apart); nothing with --no-docs."""
+    if args.no_docs:
+        return
+    name = args.section or own
+    if name != own:
+        title = f"{title} ({name})"
+    print(f"written to {write_section(name, title, body)}")
 
 
 def write_section(name: str, title: str, body: str) -> Path:

@@ -63,7 +63,7 @@ from bench.protocols import (
     measure_held_out,
     read_checkpoint,
 )
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.tables import format_markdown_table, format_table
 from trainer.config import TrainConfig
 from trainer.export import ExportConfig, export
@@ -281,8 +281,7 @@ def main() -> None:
     p.add_argument("--folds", default="1",
                    help="held-out folds, comma-separated: fold k holds out products k, "
                         "k + every, ... (1: bench/protocols.py's 20; 0,1,2,3: each product once)")
-    p.add_argument("--section", default="seeds", help="docs/BENCHMARKS.md section name")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     add_recipe_options(p, skip={"seed"})
     args = p.parse_args()
     arms = [parse_arm(a) for a in args.arm]
@@ -392,8 +391,7 @@ def main() -> None:
             f"{format_markdown_table(compare, columns)}\n\n**Each run**\n\n"
             f"{format_markdown_table(per_run, run_columns)}\n\n**Each held-out fold**\n\n"
             f"{format_markdown_table(per_fold, fold_columns)}")
-    write_section(args.section, "Recipe arms over seeds"
-                  + (f" ({args.section})" if args.section != "seeds" else ""), body)
+    write_docs(args, "seeds", "Recipe arms over seeds", body)
 
 
 if __name__ == "__main__":

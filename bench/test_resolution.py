@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.preprocess import InputSpec, load_image, prepare
 from models.recognizer import FlipAveraged
 from models.tables import format_markdown_table, format_table
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--sizes", default="", help="input sides (default: trained, +12.5%%, +25%%)")
     p.add_argument("--crops", default="0.875,1.0", help="crop ratios (shorter side = size/crop)")
-    p.add_argument("--no-docs", dest="docs", action="store_false")
+    add_docs_args(p)
     args = p.parse_args()
     model, ckpt = load_checkpoint(args.checkpoint)
     runner = FlipAveraged(model).eval()
@@ -74,7 +74,7 @@ def main() -> None:
     formats = {"crop": ".3f", "top-1": ".1%", "top-5": ".1%", "Δ top-1 pp": "+.1f",
                "pixels vs trained": ".2f"}
     print(format_table(rows, COLUMNS, formats))
-    if args.docs:
+    if not args.no_docs:
         arch = ckpt["config"]["arch"]
         body = (f"{arch} trained at {trained.size} px (`{args.checkpoint}`, epoch "
                 f"{ckpt['epoch']} of {ckpt['config']['epochs']}), FP32 with flip averaging, "
@@ -82,9 +82,8 @@ def main() -> None:
                 "side resized to size / crop, then the centre crop. With this many photos one "
                 "photo is 0.34 pp and the standard error of a top-1 near 85% is 2 pp.\n\n"
                 + format_markdown_table(rows, COLUMNS, formats))
-        print("written to " + str(write_section(f"test-resolution-{arch}-{trained.size}",
-                                                f"Test-time resolution ({arch}, trained at "
-                                                f"{trained.size} px)", body)))
+        write_docs(args, f"test-resolution-{arch}-{trained.size}",
+                   f"Test-time resolution ({arch}, trained at {trained.size} px)", body)
 
 
 if __name__ == "__main__":

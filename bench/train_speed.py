@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.recognizer import build_recognizer
 from models.tables import format_markdown_table, format_table
 from trainer.config import CPU_BF16_FROM_PX
@@ -75,8 +75,7 @@ def main() -> None:
                    help="input side per --arch (default 224 and 260)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--section", default="train-speed", help="docs/BENCHMARKS.md section name")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
     archs = args.archs or ["efficientnet_lite0", "efficientnet_lite2"]
     sizes = args.sizes or [224, 260][: len(archs)]
@@ -119,8 +118,7 @@ def main() -> None:
             f"{'this one does' if native else 'this one does not, and emulates it'}) and the "
             f"input side is at least {CPU_BF16_FROM_PX} px, FP32 otherwise."
             f"\n\n{format_markdown_table(rows, COLUMNS)}")
-    write_section(args.section, "Training speed" + (f" ({args.section})" if args.section !=
-                                                    "train-speed" else ""), body)
+    write_docs(args, "train-speed", "Training speed", body)
 
 
 if __name__ == "__main__":

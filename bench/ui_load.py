@@ -46,7 +46,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import add_docs_args, write_docs  # noqa: E402
 from models.tables import format_markdown_table, format_table  # noqa: E402
 
 PIN = "8642"
@@ -343,7 +343,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     p.add_argument("--window", type=float, default=10.0,
                    help="the kiosk's health window in this bench, seconds")
-    p.add_argument("--no-docs", dest="docs", action="store_false")
+    add_docs_args(p)
     args = p.parse_args()
     if (args.bundle is None) != (args.catalog is None):
         p.error("give both --bundle and --catalog, or neither (the bench builds a demo)")
@@ -432,7 +432,7 @@ def main() -> None:
                     "kiosk CPU %": ".0f", "machine CPU %": ".0f"}
     print(format_table(load_table, LOAD_COLUMNS, load_formats))
     print(format_table(loop_table, LOOP_COLUMNS, loop_formats))
-    if args.docs:
+    if not args.no_docs:
         video = f" ({fps_of_video:g} fps)" if fps_of_video else ""
         body = (
             f"{args.clients} client threads (one keep-alive connection each, in the bench's "
@@ -454,7 +454,7 @@ def main() -> None:
             "included).\n\n"
             + format_markdown_table(loop_table, LOOP_COLUMNS, loop_formats)
             + "\n\n" + reading(load_table[-1], *loop_table, args.clients))
-        print("written to " + str(write_section("ui_load", "Kiosk UI under load", body)))
+        write_docs(args, "ui_load", "Kiosk UI under load", body)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from bench.protocols import (
     separation,
     train_and_export,
 )
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from models.tables import format_markdown_table, format_table
 from trainer.config import FEATURE_WEIGHT, TrainConfig
 from trainer.ingest import catalog_products, read_layout
@@ -153,22 +153,16 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="a --holdout checkpoint")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--out", type=Path, default=Path("runs/bench-unknown-scores"))
-    p.add_argument("--section", default="unknown-scores",
-                   help="docs/BENCHMARKS.md section to write")
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
 
     rows = measure(args.checkpoint, args.data, args.out)
     print(format_table(rows, COLUMNS))
-    if not args.no_docs:
-        title = "Unknown scores: what tells unsold items from sold ones"
-        write_section(args.section, title + (f" ({args.section})" if args.section !=
-                                             "unknown-scores" else ""),
-                      f"Held-out model `{args.checkpoint}` ({trained_with(args.checkpoint)}), "
-                      "INT8 bundle; known: val photos of trained products, unknown: val photos "
-                      "of the held-out ones (not in the catalog). Nearest-neighbour scores "
-                      "search the trained products' training photos.\n\n"
-                      + format_markdown_table(rows, COLUMNS))
+    write_docs(args, "unknown-scores", "Unknown scores: what tells unsold items from sold ones",
+               f"Held-out model `{args.checkpoint}` ({trained_with(args.checkpoint)}), INT8 "
+               "bundle; known: val photos of trained products, unknown: val photos of the "
+               "held-out ones (not in the catalog). Nearest-neighbour scores search the trained "
+               "products' training photos.\n\n" + format_markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from bench.protocols import DEFAULT_DATA, Kiosk, catalog, held_out_products
-from bench.report import write_section
+from bench.report import add_docs_args, write_docs
 from device.catalog import Product
 from device.engines import infer_all
 from models.bundle import Bundle, load_bundle
@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--held-out-bundle", type=Path, required=True,
                    help="exported from a model trained without bench/protocols.py's held-out")
     p.add_argument("--holdout-every", type=int, default=4)
-    p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    add_docs_args(p)
     args = p.parse_args()
     labels = read_layout(args.data)[0]
     held = set(held_out_products(labels.fine, args.holdout_every))
@@ -116,7 +116,7 @@ def main() -> None:
                 "(bench/protocols.py's). Known accepted counts every val photo of a sold product, "
                 "recognised or not, so it can fall below the 95% of recognised ones a rule "
                 "keeps.\n\n" + format_markdown_table(rows, COLUMNS))
-        write_section("unknown-threshold", "Unknown threshold: calibration rules", body)
+        write_docs(args, "unknown-threshold", "Unknown threshold: calibration rules", body)
 
 
 if __name__ == "__main__":

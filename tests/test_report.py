@@ -35,3 +35,32 @@ def test_a_benchmark_rewrites_its_own_section_and_keeps_the_others(
     assert "| 2 |" in text and "| 1 |" not in text and "top-1 0.80" in text
     assert text.index("## Speed") < text.index("## Accuracy")  # rewritten where it was
     assert text.count("Machine: ") == 2 and text.count("Command: `python bench/") == 2
+
+
+def test_every_benchmark_takes_section_and_no_docs_the_same_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`--section NAME` writes a run beside the benchmark's own section, named in its title;
+    `--no-docs` leaves docs/BENCHMARKS.md as it is; and every script in bench/ that writes the
+    docs takes both, through report.add_docs_args."""
+    import argparse
+
+    doc = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(report, "DOC", doc)
+    p = argparse.ArgumentParser()
+    report.add_docs_args(p)
+    report.write_docs(p.parse_args([]), "speed", "Speed", "| a |\n| 1 |")
+    report.write_docs(p.parse_args(["--section", "speed-arm"]), "speed", "Speed", "| a |\n| 2 |")
+    report.write_docs(p.parse_args(["--no-docs"]), "speed", "Speed", "| a |\n| 3 |")
+    text = doc.read_text()
+    assert "## Speed\n" in text and "## Speed (speed-arm)\n" in text
+    assert "| 1 |" in text and "| 2 |" in text and "| 3 |" not in text
+    assert capsys.readouterr().out.count("written to") == 2
+
+    benches = Path(report.__file__).parent
+    writers = [f for f in sorted(benches.glob("*.py"))
+               if f.name != "report.py" and "write_docs(" in f.read_text()]
+    assert len(writers) >= 19
+    for bench in writers:
+        source = bench.read_text()
+        assert "add_docs_args(p)" in source, bench.name
+        assert "write_section(" not in source, bench.name  # only through write_docs
