@@ -62,8 +62,8 @@ def add_model_args(p: argparse.ArgumentParser, need_bundle: bool = True) -> None
     p.add_argument("--precision", choices=("int8", "fp32", "fp16"), default="int8",
                    help="model precision (fp16: TensorRT engine only)")
     p.add_argument("--engine", choices=("auto", *BACKENDS), default="auto",
-                   help="inference engine (auto: TensorRT where it is installed, else ONNX "
-                        "Runtime)")
+                   help="inference engine (auto: TensorRT where it imports and a CUDA GPU "
+                        "is present, ONNX Runtime elsewhere)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
 
 
