@@ -115,8 +115,9 @@ def main() -> None:
             f"frozen stages are the stem and the first two stages of blocks, left at their "
             f"ImageNet weights. The shipped row is what `--precision auto` runs: bf16 autocast "
             f"where the CPU computes bf16 natively (AVX512-BF16 or AMX; "
-            f"{'this one does' if native else 'this one does not, and emulates it'}) and the "
-            f"input side is at least {CPU_BF16_FROM_PX} px, FP32 otherwise."
+            f"{'this one does' if native else 'this one does not, and emulates it'}), it was "
+            f"measured to pay (AMX, or AVX512-BF16 on an AMD CPU) and the input side is at "
+            f"least {CPU_BF16_FROM_PX} px, FP32 otherwise."
             f"\n\n{format_markdown_table(rows, COLUMNS)}")
     write_docs(args, "train-speed", "Training speed", body)
 

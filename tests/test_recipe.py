@@ -18,6 +18,8 @@ from trainer.synthetic import generate_demo
 from trainer.train import (
     CATALOG_FRESH,
     CatalogBank,
+    cpu_bf16_pays,
+    cpu_vendor,
     cutmix,
     epoch_size,
     freeze_stages,
@@ -277,7 +279,9 @@ def test_precision_bf16_only_where_native_and_on_a_cpu_only_where_it_pays() -> N
     cpu = torch.device("cpu")
     assert pick_precision("fp32", cpu, 260) is None
     native = native_bf16(cpu)
-    assert pick_precision("auto", cpu, CPU_BF16_FROM_PX) == (torch.bfloat16 if native else None)
+    pays = native and (platform.machine() != "x86_64" or cpu_bf16_pays(
+        torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported(), cpu_vendor()))
+    assert pick_precision("auto", cpu, CPU_BF16_FROM_PX) == (torch.bfloat16 if pays else None)
     # small inputs train faster in FP32 even with native bf16 (0.67-0.72x at 112 px, AMD EPYC)
     assert pick_precision("auto", cpu, CPU_BF16_FROM_PX - 1) is None
     if native:  # asked for, it is used whatever the size
@@ -295,8 +299,19 @@ def test_auto_precision_skips_bf16_that_avx512_only_emulates() -> None:
     from bench.report import cpu_flags, read_cpuinfo
 
     flags = cpu_flags(read_cpuinfo())
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
-    assert pick_precision("auto", torch.device("cpu"), 260) == (torch.bfloat16 if native else None)
+    pays = "amx_bf16" in flags or ("avx512_bf16" in flags and cpu_vendor() == "AuthenticAMD")
+    assert pick_precision("auto", torch.device("cpu"), 260) == (torch.bfloat16 if pays else None)
+
+
+def test_auto_precision_takes_bf16_only_on_cpus_where_it_was_measured_to_pay() -> None:
+    """AMX and an AMD EPYC's AVX512-BF16 train a Lite2 step faster in bf16; an Intel Xeon with
+    AVX512-BF16 but no AMX took 1.6x as long as in FP32, so auto trains it in FP32."""
+    assert cpu_bf16_pays(amx=True, avx512_bf16=True, vendor="GenuineIntel")
+    assert cpu_bf16_pays(amx=False, avx512_bf16=True, vendor="AuthenticAMD")
+    assert not cpu_bf16_pays(amx=False, avx512_bf16=True, vendor="GenuineIntel")
+    assert not cpu_bf16_pays(amx=False, avx512_bf16=False, vendor="AuthenticAMD")
+    if Path("/proc/cpuinfo").exists():
+        assert cpu_vendor() in ("GenuineIntel", "AuthenticAMD") or platform.machine() != "x86_64"
 
 
 def test_cli_arch_choices_are_the_buildable_architectures() -> None:

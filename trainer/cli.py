@@ -154,7 +154,8 @@ def register(sub: argparse._SubParsersAction) -> list[type[Exception]]:
                         "stage 0; 0 trains everything)")
     p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
                    help="bf16 autocast or fp32 training; auto = bf16 where the hardware has it "
-                        f"natively (on a CPU, from {CPU_BF16_FROM_PX} px inputs up)")
+                        f"natively and it pays (on a CPU: AMX, or AVX512-BF16 on AMD, from "
+                        f"{CPU_BF16_FROM_PX} px inputs up)")
     p.add_argument("--reference-views", type=int, default=TrainConfig.reference_views,
                    help="catalog reference photos join each epoch this many times")
     p.add_argument("--catalog-loss", type=float, default=TrainConfig.catalog_loss,

@@ -103,7 +103,8 @@ class TrainConfig:
     # cost most of a step's backward pass (ignored with weights "none")
     frozen_stages: int = 3
     # bf16 autocast (weights stay FP32); auto = bf16 where the CPU or GPU computes it natively,
-    # on a CPU only from CPU_BF16_FROM_PX up
+    # on a CPU only where that was measured to pay (trainer/train.py cpu_bf16_pays) and from
+    # CPU_BF16_FROM_PX up
     precision: str = "auto"
     # each catalog reference photo joins each epoch this many times. 8 cost unknown AUROC
     # -4.9 +- 3.2 pp (95% interval -9.6 to -0.4) and new products -4.3 (5 photos) and -3.7 pp

@@ -196,18 +196,42 @@ def native_bf16(device: torch.device) -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # Arm: true only with BF16 instructions
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor_id in Linux's /proc/cpuinfo (GenuineIntel, AuthenticAMD; '' elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_bf16_pays(amx: bool, avx512_bf16: bool, vendor: str) -> bool:
+    """Whether native bf16 trains faster than FP32 on an x86 CPU, as measured on a shipped
+    training step (bench/train_speed.py): AMX, yes; AVX512-BF16 on an AMD EPYC, yes (Lite2
+    260 px 1.07-1.26x, Lite0 224 px 1.02-1.14x; train-speed-amd-bf16); AVX512-BF16 on an
+    Intel Xeon without AMX, no (Lite2 260 px 0.62x: train-speed-s40-intel-avx512bf16)."""
+    return amx or (avx512_bf16 and vendor == "AuthenticAMD")
+
+
 def pick_precision(name: str, device: torch.device, size: int) -> torch.dtype | None:
     """The autocast dtype (None: plain FP32) for inputs of side `size`. "auto" takes bf16 only
-    where it is native and, on a CPU, only from CPU_BF16_FROM_PX up: emulated bf16 on an older
-    CPU, and native bf16 on small inputs, are slower than FP32."""
+    where it is native and, on a CPU, only where it was measured to pay (`cpu_bf16_pays`) and
+    from CPU_BF16_FROM_PX up: emulated bf16 on an older CPU, and native bf16 on small inputs or
+    on an Intel CPU without AMX, are slower than FP32."""
     if name == "fp32":
         return None
     if not native_bf16(device):
         if name == "bf16":
             raise DataError(f"--precision bf16: {device} has no native bf16; use fp32")
         return None
-    pays = name == "bf16" or device.type != "cpu" or size >= CPU_BF16_FROM_PX
-    return torch.bfloat16 if pays else None
+    if name == "bf16" or device.type != "cpu":
+        return torch.bfloat16
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") and not cpu_bf16_pays(
+            torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported(),
+            cpu_vendor()):
+        return None
+    return torch.bfloat16 if size >= CPU_BF16_FROM_PX else None
 
 
 def freeze_stages(model: Recognizer, count: int) -> list[torch.nn.Module]:
