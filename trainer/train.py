@@ -6,8 +6,8 @@ cosine schedule after a short warm-up. A checkpoint is written each epoch (`last
 `--resume`), and the one with the best validation product top-1 is kept as `best.pt`.
 
 Speed, on the 2-core CPUs it must train on (bench/train_speed.py): the network runs
-channels-last, in bf16 autocast where the hardware has native bf16 and the inputs are large
-enough for it to pay (master weights and checkpoints stay FP32), and the backbone's first
+channels-last, in bf16 autocast where the hardware has native bf16 that pays on it and the
+inputs are large enough (master weights and checkpoints stay FP32), and the backbone's first
 `frozen_stages` stages keep their ImageNet weights and statistics, so autograd skips their
 backward pass. Augmented views are made on a thread pool a batch ahead (one thread cannot feed
 a GPU), each from its own seed.
