@@ -184,6 +184,10 @@ def pick_device(name: str) -> torch.device:
                         else "cpu" if name == "auto" else name)
 
 
+def on_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware. On x86 that takes AVX512-BF16 or AMX: oneDNN
     also runs bf16 on plain AVX-512 (what `torch.ops.mkldnn._is_mkldnn_bf16_supported` reports),
@@ -191,7 +195,7 @@ def native_bf16(device: torch.device) -> bool:
     (bench/train_speed.py, train-speed-intel-fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+    if on_x86():
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # Arm: true only with BF16 instructions
 
@@ -227,11 +231,9 @@ def pick_precision(name: str, device: torch.device, size: int) -> torch.dtype | 
         return None
     if name == "bf16" or device.type != "cpu":
         return torch.bfloat16
-    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") and not cpu_bf16_pays(
-            torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported(),
-            cpu_vendor()):
-        return None
-    return torch.bfloat16 if size >= CPU_BF16_FROM_PX else None
+    pays = size >= CPU_BF16_FROM_PX and (not on_x86() or cpu_bf16_pays(
+        torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported(), cpu_vendor()))
+    return torch.bfloat16 if pays else None
 
 
 def freeze_stages(model: Recognizer, count: int) -> list[torch.nn.Module]:
